@@ -1,0 +1,342 @@
+"""KV cache of Dynamic-LLaVA: per layer and per row, only the tokens the predictors kept.
+
+Layers below `sparse_layer` store every (non-padding) token; layers from `sparse_layer` on store only the kept image
+tokens, the prompt text and the generated tokens the output-text predictor kept. Rows therefore hold different numbers
+of entries, and the two groups of layers differ too.
+
+Storage: each layer owns a preallocated buffer `[batch, kv_heads, capacity, head_dim]`; row `b` holds its entries in
+slots `[0, lengths[b])` (left-aligned, original order) and everything behind is scratch. The buffer grows
+geometrically, so appending is amortised O(1) and never copies the cache per step. All layers of a group share one
+`RowLengths` (their decisions are the same), so the per-row bookkeeping is done once per step, not once per layer.
+
+The model drives a step in three moves: `begin_step(group, persist)` before running a group of layers, the layers'
+`update` calls (made by transformers' attention modules), then `end_step()`, which advances the lengths with a single
+host synchronisation for the whole forward.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+FULL_GROUP = 0
+SPARSE_GROUP = 1
+
+
+@dataclass
+class StepPlan:
+    """What the current forward does to a group of layers.
+
+    `persist[b, i]` says whether current token `i` of row `b` is stored for later steps. With `in_place` (one new token
+    per row and a non-empty cache) the token is written straight into its row's next free slot and attention reads the
+    buffer itself; otherwise attention reads `cat(stored, new)` and the persisted tokens are written compacted.
+    """
+
+    persist: torch.Tensor
+    in_place: bool
+
+
+class RowLengths:
+    """Per-row stored-entry counts of a group of layers, plus their host-side maximum and minimum."""
+
+    def __init__(self):
+        self.lengths: torch.Tensor | None = None  # LongTensor [batch]
+        self.max_length = 0
+        self.min_length = 0
+        self.plan: StepPlan | None = None
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.lengths is not None:
+            self.lengths = self.lengths[index.to(self.lengths.device)]
+            self.refresh_extrema()
+
+    def refresh_extrema(self) -> None:
+        self.min_length, self.max_length = (int(v) for v in torch.stack([self.lengths.min(), self.lengths.max()]))
+
+
+def _grown_capacity(needed: int) -> int:
+    # Geometric growth (x1.5) keeps appends amortised O(1) while over-allocating by at most half.
+    return max(needed + needed // 2, 64)
+
+
+class DynamicLlavaLayer(CacheLayerMixin):
+    """One decoder layer's ragged KV storage (see the module docstring)."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, rows: RowLengths):
+        super().__init__()
+        self.rows = rows
+        self.growth_events = 0  # reallocations; each copies this layer's buffer once
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, head_dim = key_states.shape
+        self.keys = key_states.new_zeros(batch, heads, 0, head_dim)
+        self.values = value_states.new_zeros(batch, value_states.shape[1], 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = _grown_capacity(needed)
+        grown_keys = self.keys.new_zeros(*self.keys.shape[:2], capacity, self.keys.shape[-1])
+        grown_values = self.values.new_zeros(*self.values.shape[:2], capacity, self.values.shape[-1])
+        if self.capacity > 0:
+            grown_keys[:, :, : self.capacity] = self.keys
+            grown_values[:, :, : self.capacity] = self.values
+            self.growth_events += 1
+        self.keys, self.values = grown_keys, grown_values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        plan = self.rows.plan
+        if plan is None:
+            raise RuntimeError(
+                "DynamicLlavaCache was updated outside a DynamicLlava forward: the model must plan each step "
+                "(begin_step) before its layers run."
+            )
+        batch, _, num_new, _ = key_states.shape
+        past_width = self.rows.max_length
+        lengths = self.rows.lengths.to(key_states.device)
+        self._ensure_capacity(past_width + num_new)
+
+        if plan.in_place:
+            # The new token goes to its row's next free slot; whether it stays there is decided in end_step.
+            slot = lengths.view(batch, 1, 1, 1)
+            self.keys.scatter_(2, slot.expand_as(key_states), key_states)
+            self.values.scatter_(2, slot.expand_as(value_states), value_states)
+            return self.keys[:, :, : past_width + 1], self.values[:, :, : past_width + 1]
+
+        if past_width == 0:
+            attend_keys, attend_values = key_states, value_states
+        else:
+            attend_keys = torch.cat([self.keys[:, :, :past_width], key_states], dim=-2)
+            attend_values = torch.cat([self.values[:, :, :past_width], value_states], dim=-2)
+        # Write all new tokens behind each row's entries, persisted ones first (in order): the rest lies beyond the
+        # row's new length and is scratch.
+        persist = plan.persist.to(key_states.device)
+        rank = torch.where(
+            persist,
+            persist.cumsum(-1) - 1,
+            persist.sum(-1, keepdim=True) + (~persist).cumsum(-1) - 1,
+        )
+        slots = (lengths[:, None] + rank).view(batch, 1, num_new, 1)
+        self.keys.scatter_(2, slots.expand_as(key_states), key_states)
+        self.values.scatter_(2, slots.expand_as(value_states), value_states)
+        return attend_keys, attend_values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.rows.max_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.rows.max_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.is_initialized:
+            index = index.to(self.keys.device)
+            self.keys = self.keys[index]
+            self.values = self.values[index]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(indices)
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+
+class DynamicLlavaCache(Cache):
+    """Ragged KV cache for Dynamic-LLaVA: layers `< sparse_layer` keep everything, later layers only kept tokens.
+
+    `get_seq_length()` counts the original tokens seen (what `generate()` expects); `stored_lengths()` gives the entries
+    actually stored per layer and row, and `sparsity_report()` summarises what was kept.
+    """
+
+    def __init__(self, config=None, num_hidden_layers: int | None = None, sparse_layer: int | None = None):
+        if config is not None:
+            num_hidden_layers = config.get_text_config(decoder=True).num_hidden_layers
+            sparse_layer = config.sparse_layer
+        if num_hidden_layers is None or sparse_layer is None:
+            raise ValueError("DynamicLlavaCache needs a DynamicLlavaConfig, or num_hidden_layers and sparse_layer")
+        if not 0 < sparse_layer < num_hidden_layers:
+            raise ValueError(f"sparse_layer must be in [1, {num_hidden_layers}), got {sparse_layer}")
+        self.sparse_layer = sparse_layer
+        self.groups = (RowLengths(), RowLengths())
+        layers = [
+            DynamicLlavaLayer(self.groups[FULL_GROUP if i < sparse_layer else SPARSE_GROUP])
+            for i in range(num_hidden_layers)
+        ]
+        super().__init__(layers=layers)
+        self.seen_tokens = 0
+        # Per-row counters behind `sparsity_report()`.
+        self.image_tokens_seen = self.image_tokens_kept = None
+        self.judged_tokens_seen = self.judged_tokens_kept = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Step protocol used by the model
+
+    def begin_step(self, group: int, persist: torch.Tensor) -> None:
+        """Plans the current forward for one group of layers; `persist` is a bool `[batch, new_tokens]`."""
+        rows = self.groups[group]
+        if rows.lengths is None:
+            rows.lengths = torch.zeros(persist.shape[0], dtype=torch.long, device=persist.device)
+        elif rows.lengths.shape[0] != persist.shape[0]:
+            raise ValueError(
+                f"The cache holds {rows.lengths.shape[0]} rows but the input has {persist.shape[0]}: pass the cache "
+                "back only with the batch it was built for."
+            )
+        in_place = persist.shape[1] == 1 and rows.max_length > 0
+        rows.plan = StepPlan(persist=persist, in_place=in_place)
+
+    def end_step(self, num_new_tokens: int) -> None:
+        """Advances every group by what its plan persisted; one host synchronisation for the whole step."""
+        planned = [rows for rows in self.groups if rows.plan is not None]
+        for rows in planned:
+            rows.lengths = rows.lengths + rows.plan.persist.to(rows.lengths.device).sum(-1)
+            rows.plan = None
+        extrema = torch.stack([torch.stack([r.lengths.min(), r.lengths.max()]) for r in planned]).tolist()
+        for rows, (low, high) in zip(planned, extrema):
+            rows.min_length, rows.max_length = int(low), int(high)
+        self.seen_tokens += num_new_tokens
+
+    def record_image_tokens(self, seen: torch.Tensor, kept: torch.Tensor) -> None:
+        self.image_tokens_seen = seen if self.image_tokens_seen is None else self.image_tokens_seen + seen
+        self.image_tokens_kept = kept if self.image_tokens_kept is None else self.image_tokens_kept + kept
+
+    def record_judged_tokens(self, seen: torch.Tensor, kept: torch.Tensor) -> None:
+        self.judged_tokens_seen = seen if self.judged_tokens_seen is None else self.judged_tokens_seen + seen
+        self.judged_tokens_kept = kept if self.judged_tokens_kept is None else self.judged_tokens_kept + kept
+
+    def group_of(self, layer_idx: int) -> RowLengths:
+        return self.groups[FULL_GROUP if layer_idx < self.sparse_layer else SPARSE_GROUP]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Cache API
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.group_of(layer_idx).max_length + query_length, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def batch_size(self) -> int:
+        lengths = self.groups[FULL_GROUP].lengths
+        return -1 if lengths is None else lengths.shape[0]
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "DynamicLlavaCache cannot be cropped: dropped tokens are gone, so the cache cannot be rolled back to an "
+            "earlier length. Assisted/speculative decoding is not supported with Dynamic-LLaVA."
+        )
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        for rows in self.groups:
+            rows.select_rows(index)
+        for layer in self.layers:
+            layer.select_rows(index)
+        for name in ("image_tokens_seen", "image_tokens_kept", "judged_tokens_seen", "judged_tokens_kept"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[index.to(value.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.groups[FULL_GROUP].lengths is None:
+            return
+        index = torch.arange(self.batch_size, device=self.groups[FULL_GROUP].lengths.device)
+        self._select_rows(index.repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        for rows in self.groups:
+            rows.__init__()
+        self.seen_tokens = 0
+        self.image_tokens_seen = self.image_tokens_kept = None
+        self.judged_tokens_seen = self.judged_tokens_kept = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Reporting
+
+    def stored_lengths(self) -> torch.LongTensor:
+        """Stored entries per layer and row, `[num_layers, batch]`."""
+        if self.groups[FULL_GROUP].lengths is None:
+            return torch.zeros(len(self.layers), 0, dtype=torch.long)
+        return torch.stack([self.group_of(i).lengths for i in range(len(self.layers))])
+
+    def growth_events(self) -> int:
+        """Buffer reallocations so far, summed over layers (each copies one layer's buffer once)."""
+        return sum(layer.growth_events for layer in self.layers)
+
+    def sparsity_report(self) -> list[dict]:
+        """Per row: kept/total image tokens, kept/total generated tokens, stored KV bytes vs a dense cache."""
+        stored = self.stored_lengths()
+        if stored.shape[1] == 0:
+            return []
+        bytes_per_entry = [
+            2 * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size() if layer.is_initialized else 0
+            for layer in self.layers
+        ]
+        dense_tokens = self.groups[FULL_GROUP].lengths.tolist()
+        stored = stored.tolist()
+        image_seen = _as_list(self.image_tokens_seen, len(dense_tokens))
+        image_kept = _as_list(self.image_tokens_kept, len(dense_tokens))
+        judged_seen = _as_list(self.judged_tokens_seen, len(dense_tokens))
+        judged_kept = _as_list(self.judged_tokens_kept, len(dense_tokens))
+        report = []
+        for row, dense in enumerate(dense_tokens):
+            stored_bytes = sum(stored[layer][row] * size for layer, size in enumerate(bytes_per_entry))
+            dense_bytes = dense * sum(bytes_per_entry)
+            report.append(
+                {
+                    "image_tokens_kept": image_kept[row],
+                    "image_tokens_total": image_seen[row],
+                    "generated_tokens_kept": judged_kept[row],
+                    "generated_tokens_total": judged_seen[row],
+                    "stored_kv_bytes": stored_bytes,
+                    "dense_kv_bytes": dense_bytes,
+                    "kv_bytes_ratio": stored_bytes / dense_bytes if dense_bytes else 1.0,
+                }
+            )
+        return report
+
+
+def _as_list(counts: torch.Tensor | None, batch: int) -> list[int]:
+    return [0] * batch if counts is None else [int(c) for c in counts.tolist()]
+
+
+__all__ = ["DynamicLlavaCache", "DynamicLlavaLayer"]

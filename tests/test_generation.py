@@ -1,0 +1,205 @@
+"""generate() with the ragged DynamicLlavaCache: batched == per-row, cached == uncached == mask-based reference."""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+from transformers.generation.streamers import BaseStreamer
+
+from dynamic_llava_hf import DynamicLlavaCache
+from mask_reference import reference_greedy
+from tiny_models import PAD_TOKEN_ID, build_prompts, images_per_row, tiny_model
+
+
+ROWS = [(3, 1, 5), (8, 1, 2), (1, 1, 1)]
+NEW_TOKENS = 12
+
+
+def generate(model, input_ids, attention_mask, pixel_values, **kwargs):
+    kwargs = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "output_logits": True, **kwargs}
+    if pixel_values is not None:
+        kwargs["pixel_values"] = pixel_values
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        eos_token_id=None,
+        pad_token_id=PAD_TOKEN_ID,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
+def rows_alone(input_ids, attention_mask, pixel_values, rows):
+    pixels = pixel_values.split(images_per_row(rows))
+    for row in range(len(rows)):
+        ids = input_ids[row, attention_mask[row].bool()][None]
+        yield row, ids, torch.ones_like(ids), pixels[row]
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_batched_greedy_equals_per_row(attn_implementation):
+    model = tiny_model(attn_implementation)
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    batched = generate(model, input_ids, attention_mask, pixel_values)
+    prompt = input_ids.shape[1]
+    for row, ids, mask, pixels in rows_alone(input_ids, attention_mask, pixel_values, ROWS):
+        alone = generate(model, ids, mask, pixels)
+        assert torch.equal(batched.sequences[row, prompt:], alone.sequences[0, ids.shape[1] :])
+        assert (torch.stack(batched.logits)[:, row] - torch.stack(alone.logits)[:, 0]).abs().max() <= 1e-5
+        assert torch.equal(
+            batched.past_key_values.stored_lengths()[:, row], alone.past_key_values.stored_lengths()[:, 0]
+        )
+    stored = batched.past_key_values.stored_lengths()
+    sparse_layer = model.config.sparse_layer
+    # Ragged for real: rows differ, and the sparse layers store fewer entries than the full ones.
+    assert len(set(stored[sparse_layer].tolist())) == len(ROWS)
+    assert (stored[sparse_layer] < stored[0]).all()
+    kept_generated = [r["generated_tokens_kept"] for r in batched.past_key_values.sparsity_report()]
+    assert len(set(kept_generated)) > 1, "rows should keep different numbers of generated tokens"
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_batched_beam_search_equals_per_row(attn_implementation):
+    model = tiny_model(attn_implementation)
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    kwargs = {"num_beams": 3, "output_scores": True, "max_new_tokens": 8}
+    batched = generate(model, input_ids, attention_mask, pixel_values, **kwargs)
+    prompt = input_ids.shape[1]
+    for row, ids, mask, pixels in rows_alone(input_ids, attention_mask, pixel_values, ROWS):
+        alone = generate(model, ids, mask, pixels, **kwargs)
+        assert torch.equal(batched.sequences[row, prompt:], alone.sequences[0, ids.shape[1] :])
+        assert (batched.sequences_scores[row] - alone.sequences_scores[0]).abs() <= 1e-5
+    assert isinstance(batched.past_key_values, DynamicLlavaCache)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_uncached_generation_equals_cached(attn_implementation):
+    model = tiny_model(attn_implementation, use_instruct_predictor=True)
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    cached = generate(model, input_ids, attention_mask, pixel_values)
+    uncached = generate(model, input_ids, attention_mask, pixel_values, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert (torch.stack(cached.logits) - torch.stack(uncached.logits)).abs().max() <= 1e-5
+    assert uncached.past_key_values is None
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_cached_generation_equals_mask_based_full_recompute(attn_implementation):
+    model = tiny_model(attn_implementation)
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    cached = generate(model, input_ids, attention_mask, pixel_values)
+    tokens, step_logits = reference_greedy(model, input_ids, attention_mask, pixel_values, NEW_TOKENS)
+    assert torch.equal(cached.sequences[:, input_ids.shape[1] :], tokens)
+    assert (torch.stack(cached.logits) - step_logits).abs().max() <= 1e-5
+
+
+def test_eager_equals_sdpa():
+    eager, sdpa = tiny_model("eager"), tiny_model("sdpa")
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    a = generate(eager, input_ids, attention_mask, pixel_values)
+    b = generate(sdpa, input_ids, attention_mask, pixel_values)
+    assert torch.equal(a.sequences, b.sequences)
+    assert (torch.stack(a.logits) - torch.stack(b.logits)).abs().max() <= 1e-5
+
+
+def test_long_decode_grows_the_cache_geometrically():
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts([(3, 1, 5), (8, 1, 2), (1, 1, 1), (5, 1, 3)])
+    out = generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=200, output_logits=False)
+    cache = out.past_key_values
+    layers = len(cache.layers)
+    # 200 steps with one reallocation per step would be 200 growth events per layer; amortised growth needs a few.
+    assert cache.growth_events() <= 6 * layers
+    assert all(layer.growth_events >= 1 for layer in cache.layers[: model.config.sparse_layer])
+    assert all(layer.capacity < 2 * 260 for layer in cache.layers)
+    assert cache.get_seq_length() == input_ids.shape[1] + 199
+
+
+class CollectingStreamer(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+def test_sampling_multiple_sequences_and_streaming():
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    torch.manual_seed(3)
+    sampled = generate(model, input_ids, attention_mask, pixel_values, do_sample=True, num_return_sequences=2)
+    assert sampled.sequences.shape == (6, input_ids.shape[1] + NEW_TOKENS)
+    assert sampled.past_key_values.stored_lengths().shape == (4, 6)
+
+    row_ids, row_mask = input_ids[:1, attention_mask[0].bool()], None
+    streamer = CollectingStreamer()
+    streamed = generate(model, row_ids, row_mask, pixel_values[:1], streamer=streamer)
+    assert streamer.ended
+    assert torch.equal(torch.cat([c.flatten() for c in streamer.chunks[1:]]), streamed.sequences[0, row_ids.shape[1] :])
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_chat_continuation_with_the_returned_cache(attn_implementation):
+    """A second turn passes the first turn's cache back with the new tokens; batched must equal per-row."""
+    model = tiny_model(attn_implementation)
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    second_turn = torch.tensor([[11, 12, 13, 14]] * len(ROWS))
+
+    def two_turns(ids, mask, pixels):
+        first = generate(model, ids, mask, pixels, max_new_tokens=6)
+        seen = first.past_key_values.get_seq_length()
+        ids = torch.cat([first.sequences, second_turn[: ids.shape[0]]], dim=1)
+        mask = torch.cat([mask, torch.ones(ids.shape[0], ids.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
+        second = generate(model, ids, mask, None, past_key_values=first.past_key_values, max_new_tokens=6)
+        assert second.past_key_values.get_seq_length() == seen + 1 + second_turn.shape[1] + 5
+        return second
+
+    batched = two_turns(input_ids, attention_mask, pixel_values)
+    for row, ids, mask, pixels in rows_alone(input_ids, attention_mask, pixel_values, ROWS):
+        alone = two_turns(ids, mask, pixels)
+        assert torch.equal(batched.sequences[row, -6:], alone.sequences[0, -6:])
+        assert (torch.stack(batched.logits)[:, row] - torch.stack(alone.logits)[:, 0]).abs().max() <= 1e-5
+
+
+def test_an_empty_dynamic_cache_is_replaced():
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    out = generate(model, input_ids, attention_mask, pixel_values, past_key_values=DynamicCache())
+    assert isinstance(out.past_key_values, DynamicLlavaCache)
+    reference = generate(model, input_ids, attention_mask, pixel_values)
+    assert torch.equal(out.sequences, reference.sequences)
+
+
+def test_unsupported_caches_and_assisted_decoding_are_refused():
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        generate(model, input_ids, attention_mask, pixel_values, cache_implementation="static")
+    with pytest.raises(ValueError, match="cache_implementation"):
+        generate(model, input_ids, attention_mask, pixel_values, cache_implementation="quantized")
+    static = StaticCache(config=model.config.text_config, max_cache_len=64)
+    with pytest.raises(TypeError, match="DynamicLlavaCache"):
+        generate(model, input_ids, attention_mask, pixel_values, past_key_values=static)
+    with pytest.raises(ValueError, match="Assisted"):
+        generate(model, input_ids, attention_mask, pixel_values, prompt_lookup_num_tokens=2)
+    out = generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=2)
+    with pytest.raises(NotImplementedError, match="cropped"):
+        out.past_key_values.crop(3)
+
+
+def test_cache_bookkeeping_survives_beam_reordering():
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    out = generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=3)
+    cache = copy.deepcopy(out.past_key_values)
+    order = torch.tensor([2, 0, 1])
+    cache.reorder_cache(order)
+    assert torch.equal(cache.stored_lengths(), out.past_key_values.stored_lengths()[:, order])
+    original = out.past_key_values.sparsity_report()
+    assert cache.sparsity_report() == [original[i] for i in order.tolist()]
+    cache.batch_repeat_interleave(2)
+    assert cache.stored_lengths().shape == (4, 6)
