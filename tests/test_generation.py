@@ -203,3 +203,34 @@ def test_cache_bookkeeping_survives_beam_reordering():
     assert cache.sparsity_report() == [original[i] for i in order.tolist()]
     cache.batch_repeat_interleave(2)
     assert cache.stored_lengths().shape == (4, 6)
+
+
+def test_text_streamer_prints_the_generated_text(capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, TextStreamer
+
+    vocab = {f"w{i}": i for i in range(100)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS[:1])
+    out = generate(model, input_ids, attention_mask, pixel_values, streamer=TextStreamer(tokenizer, skip_prompt=True))
+    printed = capsys.readouterr().out.split()
+    assert printed == [f"w{i}" for i in out.sequences[0, input_ids.shape[1] :].tolist()]
+
+
+def test_save_and_reload_with_auto_classes(tmp_path):
+    from transformers import AutoModel, AutoModelForImageTextToText
+
+    from dynamic_llava_hf import DynamicLlavaForConditionalGeneration, DynamicLlavaModel
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, DynamicLlavaForConditionalGeneration)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), DynamicLlavaModel)
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    a = generate(model, input_ids, attention_mask, pixel_values)
+    b = generate(reloaded, input_ids, attention_mask, pixel_values)
+    assert torch.equal(a.sequences, b.sequences)

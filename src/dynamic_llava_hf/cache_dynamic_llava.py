@@ -188,9 +188,9 @@ class DynamicLlavaCache(Cache):
         ]
         super().__init__(layers=layers)
         self.seen_tokens = 0
-        # Per-row counters behind `sparsity_report()`.
+        # Per-row counters behind `sparsity_report()`; generated tokens are those fed one at a time after a prefill.
         self.image_tokens_seen = self.image_tokens_kept = None
-        self.judged_tokens_seen = self.judged_tokens_kept = None
+        self.generated_tokens_seen = self.generated_tokens_kept = None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Step protocol used by the model
@@ -223,9 +223,9 @@ class DynamicLlavaCache(Cache):
         self.image_tokens_seen = seen if self.image_tokens_seen is None else self.image_tokens_seen + seen
         self.image_tokens_kept = kept if self.image_tokens_kept is None else self.image_tokens_kept + kept
 
-    def record_judged_tokens(self, seen: torch.Tensor, kept: torch.Tensor) -> None:
-        self.judged_tokens_seen = seen if self.judged_tokens_seen is None else self.judged_tokens_seen + seen
-        self.judged_tokens_kept = kept if self.judged_tokens_kept is None else self.judged_tokens_kept + kept
+    def record_generated_tokens(self, seen: torch.Tensor, kept: torch.Tensor) -> None:
+        self.generated_tokens_seen = seen if self.generated_tokens_seen is None else self.generated_tokens_seen + seen
+        self.generated_tokens_kept = kept if self.generated_tokens_kept is None else self.generated_tokens_kept + kept
 
     def group_of(self, layer_idx: int) -> RowLengths:
         return self.groups[FULL_GROUP if layer_idx < self.sparse_layer else SPARSE_GROUP]
@@ -263,7 +263,7 @@ class DynamicLlavaCache(Cache):
             rows.select_rows(index)
         for layer in self.layers:
             layer.select_rows(index)
-        for name in ("image_tokens_seen", "image_tokens_kept", "judged_tokens_seen", "judged_tokens_kept"):
+        for name in ("image_tokens_seen", "image_tokens_kept", "generated_tokens_seen", "generated_tokens_kept"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[index.to(value.device)])
@@ -287,7 +287,7 @@ class DynamicLlavaCache(Cache):
             rows.__init__()
         self.seen_tokens = 0
         self.image_tokens_seen = self.image_tokens_kept = None
-        self.judged_tokens_seen = self.judged_tokens_kept = None
+        self.generated_tokens_seen = self.generated_tokens_kept = None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Reporting
@@ -315,8 +315,8 @@ class DynamicLlavaCache(Cache):
         stored = stored.tolist()
         image_seen = _as_list(self.image_tokens_seen, len(dense_tokens))
         image_kept = _as_list(self.image_tokens_kept, len(dense_tokens))
-        judged_seen = _as_list(self.judged_tokens_seen, len(dense_tokens))
-        judged_kept = _as_list(self.judged_tokens_kept, len(dense_tokens))
+        generated_seen = _as_list(self.generated_tokens_seen, len(dense_tokens))
+        generated_kept = _as_list(self.generated_tokens_kept, len(dense_tokens))
         report = []
         for row, dense in enumerate(dense_tokens):
             stored_bytes = sum(stored[layer][row] * size for layer, size in enumerate(bytes_per_entry))
@@ -325,8 +325,8 @@ class DynamicLlavaCache(Cache):
                 {
                     "image_tokens_kept": image_kept[row],
                     "image_tokens_total": image_seen[row],
-                    "generated_tokens_kept": judged_kept[row],
-                    "generated_tokens_total": judged_seen[row],
+                    "generated_tokens_kept": generated_kept[row],
+                    "generated_tokens_total": generated_seen[row],
                     "stored_kv_bytes": stored_bytes,
                     "dense_kv_bytes": dense_bytes,
                     "kv_bytes_ratio": stored_bytes / dense_bytes if dense_bytes else 1.0,

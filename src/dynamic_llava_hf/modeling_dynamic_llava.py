@@ -330,7 +330,6 @@ class DynamicLlavaPreTrainedModel(LlavaPreTrainedModel):
     _can_compile_fullgraph = False
     _supports_flex_attn = False
     _supports_attention_backend = False
-    _keep_in_fp32_modules = []
 
 
 class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
@@ -478,8 +477,6 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
                 # Decoding with a cache: the new token sees itself now and is stored only if kept.
                 not_stored |= ~output_keep
                 plan.output_keep_decisions = output_keep
-                if cache is not None:
-                    cache.record_judged_tokens(valid.sum(-1), (valid & output_keep).sum(-1))
             else:
                 # Decoding without a cache: earlier generated tokens the predictor dropped are gone; the newest one
                 # is being computed and stays.
@@ -577,10 +574,11 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
 
         # Images: encode, check and merge into the placeholder positions. A placeholder id the model generated itself
         # (a decoding step, or the output part of a no-cache step) is an ordinary token, as in Llava.
+        decoding_step = num_new == 1 and past_key_values is not None and past_key_values.get_seq_length() > 0
         image_mask = self.image_token_mask(input_ids, inputs_embeds)
         if num_generated_tokens:
             image_mask[:, num_new - num_generated_tokens :] = False
-        if num_new == 1 and past_key_values is not None and past_key_values.get_seq_length() > 0:
+        if decoding_step:
             image_mask = torch.zeros_like(image_mask)
         image_features = None
         if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
@@ -597,7 +595,7 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         tokens_per_image = None
         if image_features is not None:
             inputs_embeds, tokens_per_image = self.merge_image_features(inputs_embeds, image_mask, image_features)
-        elif bool(image_mask.any()):
+        elif not decoding_step and bool(image_mask.any()):
             raise ValueError(
                 f"The input contains {int(image_mask.sum())} image tokens (id {self.config.image_token_id}) but no "
                 "pixel_values or image features were given."
@@ -660,6 +658,8 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
                 settings=settings,
                 cache=cache,
             )
+        if cache is not None and decoding_step:
+            cache.record_generated_tokens(valid.sum(-1), plan.persist.sum(-1))
         gather_index = slot_valid = None
         visible, persist = valid, plan.persist
         if plan.keep_computing is not None:
