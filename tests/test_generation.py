@@ -234,3 +234,21 @@ def test_save_and_reload_with_auto_classes(tmp_path):
     a = generate(model, input_ids, attention_mask, pixel_values)
     b = generate(reloaded, input_ids, attention_mask, pixel_values)
     assert torch.equal(a.sequences, b.sequences)
+
+
+def test_sparsity_report_counts_what_was_kept():
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    dense = generate(model, input_ids, attention_mask, pixel_values, sparsity=False).past_key_values
+    for row, entry in enumerate(dense.sparsity_report()):
+        assert (entry["image_tokens_kept"], entry["image_tokens_total"]) == (9, 9)
+        assert (entry["generated_tokens_kept"], entry["generated_tokens_total"]) == (NEW_TOKENS - 1, NEW_TOKENS - 1)
+        assert entry["stored_kv_bytes"] == entry["dense_kv_bytes"] and entry["kv_bytes_ratio"] == 1.0
+
+    sparse = generate(model, input_ids, attention_mask, pixel_values).past_key_values
+    stored = sparse.stored_lengths()
+    for row, entry in enumerate(sparse.sparsity_report()):
+        assert (entry["image_tokens_kept"], entry["image_tokens_total"]) == (4, 9)
+        prompt = int(attention_mask[row].sum())
+        assert stored[-1, row] == prompt - 5 + entry["generated_tokens_kept"]
+        assert entry["kv_bytes_ratio"] < 1.0

@@ -440,10 +440,9 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         has_past: bool,
         num_generated_tokens: int,
         settings: SparsitySettings,
-        cache: DynamicLlavaCache | None,
     ) -> SparseLayerPlan:
         """Applies the predictors to the input of `sparse_layer` and decides what the later layers see and store."""
-        batch, num_new = valid.shape
+        num_new = valid.shape[1]
         device = valid.device
         removed = torch.zeros_like(valid)  # dropped from layers >= sparse_layer now (physically)
         not_stored = torch.zeros_like(valid)  # computed now, but not stored for later tokens
@@ -456,8 +455,6 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
                 hidden_states, image_mask, tokens_per_image, settings.vision_keep_rate
             )
             removed |= dropped_images
-            if cache is not None:
-                cache.record_image_tokens(image_mask.sum(-1), (image_mask & ~dropped_images).sum(-1))
 
         if settings.use_instruct_predictor:
             instruct_keep = keep_decision(self.instruct_score_predictor(hidden_states))
@@ -501,7 +498,6 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         Returns the `[batch, seq]` mask of dropped image tokens and, per row, the kept indices into the row's image
         tokens (ascending).
         """
-        batch = image_mask.shape[0]
         # Every image's token coordinates, in row order then position order: [num_images, tokens_per_image].
         coordinates = image_mask.nonzero()
         rows = coordinates[:, 0].view(-1, tokens_per_image)
@@ -520,9 +516,7 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         first_image_of_row = torch.tensor([0] + images_per_row[:-1], device=kept.device).cumsum(0)
         image_rank_in_row = torch.arange(rows.shape[0], device=kept.device) - first_image_of_row[rows[:, 0]]
         row_indices = (kept + image_rank_in_row[:, None] * tokens_per_image).split(images_per_row)
-        kept_indices = [indices.reshape(-1) for indices in row_indices]
-        assert len(kept_indices) == batch
-        return dropped, kept_indices
+        return dropped, [indices.reshape(-1) for indices in row_indices]
 
     # -----------------------------------------------------------------------------------------------------------------
     # Forward
@@ -656,8 +650,9 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
                 has_past=past_seen > 0,
                 num_generated_tokens=num_generated_tokens,
                 settings=settings,
-                cache=cache,
             )
+        if cache is not None and tokens_per_image is not None:
+            cache.record_image_tokens((image_mask & valid).sum(-1), (image_mask & plan.persist).sum(-1))
         if cache is not None and decoding_step:
             cache.record_generated_tokens(valid.sum(-1), plan.persist.sum(-1))
         gather_index = slot_valid = None
