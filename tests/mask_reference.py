@@ -46,7 +46,9 @@ def reference_forward(model, input_ids, attention_mask, pixel_values, num_genera
         if index == config.sparse_layer:
             keep_keys = valid & _decisions(inner, hidden, image_mask, keep_rate, num_generated)
         allowed = (causal[None] & keep_keys[:, None, :]) | eye[None]
-        hidden = layer(hidden, attention_mask=_mask(allowed[:, None], implementation, hidden.dtype), position_embeddings=cos_sin)
+        hidden = layer(
+            hidden, attention_mask=_mask(allowed[:, None], implementation, hidden.dtype), position_embeddings=cos_sin
+        )
     logits = model.lm_head(inner.language_model.norm(hidden))
     return logits, keep_keys
 

@@ -139,7 +139,9 @@ def test_sampling_multiple_sequences_and_streaming():
     streamer = CollectingStreamer()
     streamed = generate(model, row_ids, row_mask, pixel_values[:1], streamer=streamer)
     assert streamer.ended
-    assert torch.equal(torch.cat([c.flatten() for c in streamer.chunks[1:]]), streamed.sequences[0, row_ids.shape[1] :])
+    assert torch.equal(
+        torch.cat([c.flatten() for c in streamer.chunks[1:]]), streamed.sequences[0, row_ids.shape[1] :]
+    )
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -240,7 +242,7 @@ def test_sparsity_report_counts_what_was_kept():
     model = tiny_model()
     input_ids, attention_mask, pixel_values = build_prompts(ROWS)
     dense = generate(model, input_ids, attention_mask, pixel_values, sparsity=False).past_key_values
-    for row, entry in enumerate(dense.sparsity_report()):
+    for entry in dense.sparsity_report():
         assert (entry["image_tokens_kept"], entry["image_tokens_total"]) == (9, 9)
         assert (entry["generated_tokens_kept"], entry["generated_tokens_total"]) == (NEW_TOKENS - 1, NEW_TOKENS - 1)
         assert entry["stored_kv_bytes"] == entry["dense_kv_bytes"] and entry["kv_bytes_ratio"] == 1.0

@@ -110,4 +110,6 @@ def test_model_state_dict_uses_official_predictor_prefixes():
     assert "model.image_score_predictor.transformer.0.attn.qkv.weight" in keys
     assert "model.output_text_score_predictor.output_mlp.7.bias" in keys
     assert "model.instruct_score_predictor.output_mlp.0.weight" in keys
-    assert not any("predictor" in key for key in tiny_model(use_instruct_predictor=False).state_dict() if "instruct" in key)
+    assert not any(
+        "predictor" in key for key in tiny_model(use_instruct_predictor=False).state_dict() if "instruct" in key
+    )

@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from dynamic_llava_hf.convert_dynamic_llava import load_original_checkpoint
+from dynamic_llava_hf.demo import REFERENCE_SCENARIOS as SCENARIOS
+from dynamic_llava_hf.demo import reference_input_ids
 
 
-ORIGINAL_IMAGE_PLACEHOLDER = -200
 VOCAB = 512  # logits beyond are the appended image-token row
-SCENARIOS = {
-    # name: (per-call sparsity, config overrides)
-    "sparse_on": (None, {}),
-    "sparse_off": (False, {}),
-    "vision_only": ({"use_output_text_predictor": False}, {}),
-    "instruct_on": (None, {"use_instruct_predictor": True}),
-}
 ATOL = 1e-4
 
 
@@ -41,11 +35,7 @@ def model_for(models, scenario):
 
 
 def hf_input_ids(sample, model):
-    """The official `-200` placeholder expanded into one image token per image feature."""
-    ids = sample["input_ids"][0]
-    position = (ids == ORIGINAL_IMAGE_PLACEHOLDER).nonzero().item()
-    image_tokens = torch.full((model.config.image_seq_length,), model.config.image_token_id)
-    return torch.cat([ids[:position], image_tokens, ids[position + 1 :]])[None]
+    return reference_input_ids(sample, model.config)
 
 
 def samples_and_scenarios():

@@ -76,9 +76,6 @@ def spread_output_text_decisions(model) -> None:
 
 def llava_twin(model: DynamicLlavaForConditionalGeneration, attn_implementation: str) -> LlavaForConditionalGeneration:
     """transformers' Llava with the same weights (predictors aside)."""
-    config = model.config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-        config.pop(key, None)
     llava_config = LlavaConfig(
         text_config=model.config.text_config.to_dict(),
         vision_config=model.config.vision_config.to_dict(),

@@ -14,7 +14,7 @@ from .modeling_dynamic_llava import (
 )
 
 
-# An installed package needs no trust_remote_code: the Auto classes resolve model_type "dynamic_llava" to these classes.
+# An installed package needs no trust_remote_code: the Auto classes map model_type "dynamic_llava" to these classes.
 AutoConfig.register(DynamicLlavaConfig.model_type, DynamicLlavaConfig, exist_ok=True)
 AutoModel.register(DynamicLlavaConfig, DynamicLlavaModel, exist_ok=True)
 AutoModelForImageTextToText.register(DynamicLlavaConfig, DynamicLlavaForConditionalGeneration, exist_ok=True)

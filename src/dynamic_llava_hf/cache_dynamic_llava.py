@@ -168,8 +168,8 @@ class DynamicLlavaLayer(CacheLayerMixin):
 class DynamicLlavaCache(Cache):
     """Ragged KV cache for Dynamic-LLaVA: layers `< sparse_layer` keep everything, later layers only kept tokens.
 
-    `get_seq_length()` counts the original tokens seen (what `generate()` expects); `stored_lengths()` gives the entries
-    actually stored per layer and row, and `sparsity_report()` summarises what was kept.
+    `get_seq_length()` counts the original tokens seen (what `generate()` expects); `stored_lengths()` gives the
+    entries actually stored per layer and row, and `sparsity_report()` summarises what was kept.
     """
 
     def __init__(self, config=None, num_hidden_layers: int | None = None, sparse_layer: int | None = None):
@@ -188,9 +188,9 @@ class DynamicLlavaCache(Cache):
         ]
         super().__init__(layers=layers)
         self.seen_tokens = 0
-        # Per-row counters behind `sparsity_report()`; generated tokens are those fed one at a time after a prefill.
-        self.image_tokens_seen = self.image_tokens_kept = None
-        self.generated_tokens_seen = self.generated_tokens_kept = None
+        # Per-row (seen, kept) counters behind `sparsity_report()`, by kind: "image" tokens, and "generated" tokens
+        # (those fed one at a time after a prefill).
+        self.token_counts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ----------------------------------------------------------------------------------------------------------------
     # Step protocol used by the model
@@ -219,13 +219,11 @@ class DynamicLlavaCache(Cache):
             rows.min_length, rows.max_length = int(low), int(high)
         self.seen_tokens += num_new_tokens
 
-    def record_image_tokens(self, seen: torch.Tensor, kept: torch.Tensor) -> None:
-        self.image_tokens_seen = seen if self.image_tokens_seen is None else self.image_tokens_seen + seen
-        self.image_tokens_kept = kept if self.image_tokens_kept is None else self.image_tokens_kept + kept
-
-    def record_generated_tokens(self, seen: torch.Tensor, kept: torch.Tensor) -> None:
-        self.generated_tokens_seen = seen if self.generated_tokens_seen is None else self.generated_tokens_seen + seen
-        self.generated_tokens_kept = kept if self.generated_tokens_kept is None else self.generated_tokens_kept + kept
+    def record_tokens(self, kind: str, seen: torch.Tensor, kept: torch.Tensor) -> None:
+        """Adds per-row counts of `kind` tokens seen and kept in layers `>= sparse_layer`."""
+        if kind in self.token_counts:
+            seen, kept = seen + self.token_counts[kind][0], kept + self.token_counts[kind][1]
+        self.token_counts[kind] = (seen, kept)
 
     def group_of(self, layer_idx: int) -> RowLengths:
         return self.groups[FULL_GROUP if layer_idx < self.sparse_layer else SPARSE_GROUP]
@@ -263,10 +261,10 @@ class DynamicLlavaCache(Cache):
             rows.select_rows(index)
         for layer in self.layers:
             layer.select_rows(index)
-        for name in ("image_tokens_seen", "image_tokens_kept", "generated_tokens_seen", "generated_tokens_kept"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value[index.to(value.device)])
+        self.token_counts = {
+            kind: tuple(count[index.to(count.device)] for count in counts)
+            for kind, counts in self.token_counts.items()
+        }
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -286,8 +284,7 @@ class DynamicLlavaCache(Cache):
         for rows in self.groups:
             rows.__init__()
         self.seen_tokens = 0
-        self.image_tokens_seen = self.image_tokens_kept = None
-        self.generated_tokens_seen = self.generated_tokens_kept = None
+        self.token_counts = {}
 
     # ----------------------------------------------------------------------------------------------------------------
     # Reporting
@@ -313,30 +310,29 @@ class DynamicLlavaCache(Cache):
         ]
         dense_tokens = self.groups[FULL_GROUP].lengths.tolist()
         stored = stored.tolist()
-        image_seen = _as_list(self.image_tokens_seen, len(dense_tokens))
-        image_kept = _as_list(self.image_tokens_kept, len(dense_tokens))
-        generated_seen = _as_list(self.generated_tokens_seen, len(dense_tokens))
-        generated_kept = _as_list(self.generated_tokens_kept, len(dense_tokens))
+        zeros = [0] * len(dense_tokens)
+        counts = {
+            kind: [count.tolist() for count in self.token_counts[kind]]
+            if kind in self.token_counts
+            else [zeros, zeros]
+            for kind in ("image", "generated")
+        }
         report = []
         for row, dense in enumerate(dense_tokens):
             stored_bytes = sum(stored[layer][row] * size for layer, size in enumerate(bytes_per_entry))
             dense_bytes = dense * sum(bytes_per_entry)
             report.append(
                 {
-                    "image_tokens_kept": image_kept[row],
-                    "image_tokens_total": image_seen[row],
-                    "generated_tokens_kept": generated_kept[row],
-                    "generated_tokens_total": generated_seen[row],
+                    "image_tokens_kept": counts["image"][1][row],
+                    "image_tokens_total": counts["image"][0][row],
+                    "generated_tokens_kept": counts["generated"][1][row],
+                    "generated_tokens_total": counts["generated"][0][row],
                     "stored_kv_bytes": stored_bytes,
                     "dense_kv_bytes": dense_bytes,
                     "kv_bytes_ratio": stored_bytes / dense_bytes if dense_bytes else 1.0,
                 }
             )
         return report
-
-
-def _as_list(counts: torch.Tensor | None, batch: int) -> list[int]:
-    return [0] * batch if counts is None else [int(c) for c in counts.tolist()]
 
 
 __all__ = ["DynamicLlavaCache", "DynamicLlavaLayer"]

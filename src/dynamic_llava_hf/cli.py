@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser(
         "check-reference", help="compare against the official implementation's outputs on the tiny reference"
     )
-    check.add_argument("reference_dir", help="folder with checkpoint/ and reference.pt (shared/reference/original_tiny)")
+    check.add_argument(
+        "reference_dir", help="folder with checkpoint/ and reference.pt (shared/reference/original_tiny)"
+    )
     check.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     args = parser.parse_args(argv)

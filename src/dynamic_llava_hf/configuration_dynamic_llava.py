@@ -87,7 +87,8 @@ class DynamicLlavaConfig(LlavaConfig):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.predictor_d_model % 4 != 0:
             raise ValueError(
-                f"predictor_d_model must be a multiple of 4 (the output MLP halves it twice), got {self.predictor_d_model}"
+                "predictor_d_model must be a multiple of 4 (the output MLP halves it twice), "
+                f"got {self.predictor_d_model}"
             )
         if self.predictor_d_model % self.predictor_num_heads != 0:
             raise ValueError(

@@ -92,7 +92,9 @@ def original_config_to_config(
     Without a tokenizer the image token gets the id `vocab_size` (one embedding row is appended).
     """
     if original.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ValueError(f"Only the mlp2x_gelu projector of LLaVA-1.5 is supported, got {original['mm_projector_type']}")
+        raise ValueError(
+            f"Only the mlp2x_gelu projector of LLaVA-1.5 is supported, got {original['mm_projector_type']}"
+        )
     select_feature = original.get("mm_vision_select_feature", "patch")
     if select_feature not in VISION_SELECT_STRATEGIES:
         raise ValueError(f"Unsupported mm_vision_select_feature {select_feature!r}")

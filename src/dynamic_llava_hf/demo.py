@@ -15,11 +15,19 @@ def random_tiny_model(seed: int = 0) -> DynamicLlavaForConditionalGeneration:
     torch.manual_seed(seed)
     config = DynamicLlavaConfig(
         text_config=LlamaConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
             pad_token_id=0,
         ),
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=84,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=84,
             patch_size=14,
         ),
         image_token_index=255,
@@ -64,12 +72,21 @@ def run_demo(batch_size: int = 3, max_new_tokens: int = 32) -> list[dict]:
     return out.past_key_values.sparsity_report()
 
 
-SCENARIOS = {
+# The reference's scenarios: name -> (per-call sparsity, config overrides used when converting the checkpoint).
+REFERENCE_SCENARIOS = {
     "sparse_on": (None, {}),
     "sparse_off": (False, {}),
     "vision_only": ({"use_output_text_predictor": False}, {}),
     "instruct_on": (None, {"use_instruct_predictor": True}),
 }
+
+
+def reference_input_ids(sample: dict, config) -> torch.LongTensor:
+    """The official `-200` image placeholder expanded into one image token per image feature, `[1, seq]`."""
+    ids = sample["input_ids"][0]
+    position = (ids == -200).nonzero().item()
+    image = torch.full((config.image_seq_length,), config.image_token_id)
+    return torch.cat([ids[:position], image, ids[position + 1 :]])[None]
 
 
 def check_reference(reference_dir: str) -> list[dict]:
@@ -82,15 +99,12 @@ def check_reference(reference_dir: str) -> list[dict]:
     checkpoint = os.path.join(reference_dir, "checkpoint")
     models = {}
     results = []
-    for scenario, (sparsity, overrides) in SCENARIOS.items():
+    for scenario, (sparsity, overrides) in REFERENCE_SCENARIOS.items():
         key = tuple(sorted(overrides.items()))
         model = models.setdefault(key, load_original_checkpoint(checkpoint, **overrides))
         vocab = model.config.image_token_id
         for sample in reference["samples"]:
-            ids = sample["input_ids"][0]
-            position = (ids == -200).nonzero().item()
-            image = torch.full((model.config.image_seq_length,), model.config.image_token_id)
-            input_ids = torch.cat([ids[:position], image, ids[position + 1 :]])[None]
+            input_ids = reference_input_ids(sample, model.config)
             expected = sample["results"][scenario]["generate_cache"]
             out = model.generate(
                 input_ids=input_ids,

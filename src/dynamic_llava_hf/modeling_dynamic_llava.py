@@ -107,7 +107,7 @@ class DynamicLlavaImagePredictor(nn.Module):
 
 
 class DynamicLlavaTextPredictor(nn.Module):
-    """Per-token keep/drop logits for text tokens (output-text and instruct predictors): `[..., hidden] -> [..., 2]`."""
+    """Per-token keep/drop logits of text tokens (output-text and instruct predictors): `[..., H] -> [..., 2]`."""
 
     def __init__(self, hidden_size: int, d_model: int):
         super().__init__()
@@ -231,8 +231,8 @@ class DynamicLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
 class KeyLayout:
     """Where a group of layers finds its keys in the current forward.
 
-    `lengths[b]` entries of row `b` are stored (`past_width` = their maximum). With `in_place` the single new token sits
-    at column `lengths[b]`; otherwise the new tokens follow the `past_width` stored columns.
+    `lengths[b]` entries of row `b` are stored (`past_width` = their maximum). With `in_place` the single new token
+    sits at column `lengths[b]`; otherwise the new tokens follow the `past_width` stored columns.
     """
 
     lengths: torch.Tensor | None
@@ -360,9 +360,7 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
             else None
         )
         self.instruct_score_predictor = (
-            DynamicLlavaTextPredictor(hidden_size, config.predictor_d_model)
-            if config.use_instruct_predictor
-            else None
+            DynamicLlavaTextPredictor(hidden_size, config.predictor_d_model) if config.use_instruct_predictor else None
         )
         self.post_init()
 
@@ -394,7 +392,8 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         tokens_per_image = {features.shape[0] for features in image_features}
         if len(tokens_per_image) != 1:
             raise ValueError(
-                f"Every image must yield the same number of tokens for per-image pruning, got {sorted(tokens_per_image)}"
+                "Every image must yield the same number of tokens for per-image pruning, "
+                f"got {sorted(tokens_per_image)}"
             )
         tokens_per_image = tokens_per_image.pop()
         num_features = tokens_per_image * len(image_features)
@@ -402,14 +401,14 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         num_tokens = int(tokens_per_row.sum())
         if num_tokens != num_features:
             raise ValueError(
-                f"The input has {num_tokens} image tokens (id {self.config.image_token_id}) but the {len(image_features)} "
-                f"image(s) give {num_features} features ({tokens_per_image} per image): the prompt must contain "
-                f"{tokens_per_image} image tokens per image."
+                f"The input has {num_tokens} image tokens (id {self.config.image_token_id}) but the "
+                f"{len(image_features)} image(s) give {num_features} features ({tokens_per_image} per image): the "
+                f"prompt must contain {tokens_per_image} image tokens per image."
             )
         if bool((tokens_per_row % tokens_per_image).any()):
             raise ValueError(
-                f"Image tokens per row {tokens_per_row.tolist()} are not multiples of the {tokens_per_image} tokens per "
-                "image: every image must lie whole inside one row."
+                f"Image tokens per row {tokens_per_row.tolist()} are not multiples of the {tokens_per_image} tokens "
+                "per image: every image must lie whole inside one row."
             )
         features = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], features)
@@ -482,8 +481,11 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
                 plan.output_keep_decisions = output_keep[:, prompt_end:]
 
         plan.persist = valid & ~removed & ~not_stored
-        if plan.kept_image_token_indices is not None or settings.use_instruct_predictor and not has_past or (
-            num_generated_tokens > 1 and settings.use_output_text_predictor
+        if (
+            plan.kept_image_token_indices is not None
+            or settings.use_instruct_predictor
+            and not has_past
+            or (num_generated_tokens > 1 and settings.use_output_text_predictor)
         ):
             keep_computing = valid & ~removed
             keep_computing[:, -1] = True  # the last token's logits are always needed
@@ -566,14 +568,21 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         batch, num_new = inputs_embeds.shape[:2]
         device = inputs_embeds.device
 
+        use_cache = use_cache if use_cache is not None else (text_config.use_cache and not self.training)
+        cache = self.resolve_cache(past_key_values, use_cache)
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        decoding_step = num_new == 1 and past_seen > 0
+        if num_generated_tokens and past_seen > 0:
+            raise ValueError("num_generated_tokens is for decoding without a cache; with a cache pass only new tokens")
+
         # Images: encode, check and merge into the placeholder positions. A placeholder id the model generated itself
         # (a decoding step, or the output part of a no-cache step) is an ordinary token, as in Llava.
-        decoding_step = num_new == 1 and past_key_values is not None and past_key_values.get_seq_length() > 0
-        image_mask = self.image_token_mask(input_ids, inputs_embeds)
+        if decoding_step:
+            image_mask = torch.zeros(batch, num_new, dtype=torch.bool, device=device)
+        else:
+            image_mask = self.image_token_mask(input_ids, inputs_embeds)
         if num_generated_tokens:
             image_mask[:, num_new - num_generated_tokens :] = False
-        if decoding_step:
-            image_mask = torch.zeros_like(image_mask)
         image_features = None
         if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
             image_features = mm_encoder_outputs["image"].pooler_output
@@ -595,10 +604,7 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
                 "pixel_values or image features were given."
             )
 
-        # Cache, padding and positions.
-        use_cache = use_cache if use_cache is not None else (text_config.use_cache and not self.training)
-        cache = self.resolve_cache(past_key_values, use_cache)
-        past_seen = cache.get_seq_length() if cache is not None else 0
+        # Padding and positions.
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < num_new:
                 raise ValueError(
@@ -611,8 +617,6 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         if position_ids is None:
             position_ids = torch.arange(past_seen, past_seen + num_new, device=device)[None]
         position_ids = position_ids.to(device).expand(batch, num_new)
-        if num_generated_tokens and (cache is not None and past_seen > 0):
-            raise ValueError("num_generated_tokens is for decoding without a cache; with a cache pass only new tokens")
 
         language_model = self.language_model
         attn_implementation = text_config._attn_implementation
@@ -652,9 +656,9 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
                 settings=settings,
             )
         if cache is not None and tokens_per_image is not None:
-            cache.record_image_tokens((image_mask & valid).sum(-1), (image_mask & plan.persist).sum(-1))
+            cache.record_tokens("image", (image_mask & valid).sum(-1), (image_mask & plan.persist).sum(-1))
         if cache is not None and decoding_step:
-            cache.record_generated_tokens(valid.sum(-1), plan.persist.sum(-1))
+            cache.record_tokens("generated", valid.sum(-1), plan.persist.sum(-1))
         gather_index = slot_valid = None
         visible, persist = valid, plan.persist
         if plan.keep_computing is not None:
