@@ -21,13 +21,45 @@ AutoModelForImageTextToText.register(DynamicLlavaConfig, DynamicLlavaForConditio
 
 __version__ = "0.1.0"
 
+# Conversion and processor helpers pull in the tokenizer and image-processing stacks; they load on first access so that
+# `import dynamic_llava_hf` stays as light as the model itself.
+_LAZY_EXPORTS = {
+    "CheckpointError": "convert_dynamic_llava",
+    "ConversionResult": "convert_dynamic_llava",
+    "convert_llava_hf_checkpoint": "convert_dynamic_llava",
+    "convert_original_checkpoint": "convert_dynamic_llava",
+    "load_original_checkpoint": "convert_dynamic_llava",
+    "VICUNA_V1_CHAT_TEMPLATE": "processing",
+    "add_llava_special_tokens": "processing",
+    "build_image_processor": "processing",
+    "build_processor": "processing",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "VICUNA_V1_CHAT_TEMPLATE",
+    "CheckpointError",
+    "ConversionResult",
     "DynamicLlavaCache",
-    "DynamicLlavaConfig",
     "DynamicLlavaCausalLMOutputWithPast",
+    "DynamicLlavaConfig",
     "DynamicLlavaForConditionalGeneration",
     "DynamicLlavaModel",
     "DynamicLlavaModelOutputWithPast",
     "DynamicLlavaPreTrainedModel",
     "SparsitySettings",
+    "add_llava_special_tokens",
+    "build_image_processor",
+    "build_processor",
+    "convert_llava_hf_checkpoint",
+    "convert_original_checkpoint",
+    "load_original_checkpoint",
 ]

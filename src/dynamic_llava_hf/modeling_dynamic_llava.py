@@ -2,7 +2,9 @@
 
 The model runs the text backbone's decoder layers in its own loop so that, at the input of `sparse_layer`, it can
 physically remove image tokens (top-k per image by the image predictor) and gate which generated tokens enter the KV
-cache of the later layers (output-text predictor). Everything else is transformers' Llava.
+cache of the later layers (output-text predictor). In training nothing is removed: the predictors sample hard
+Gumbel-softmax keep masks with straight-through gradients, applied as key masks in the layers `>= sparse_layer`.
+Everything else is transformers' Llava.
 """
 
 import dataclasses
@@ -21,9 +23,13 @@ from transformers.models.llava.modeling_llava import (
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
+from transformers.utils import logging
 
 from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache
 from .configuration_dynamic_llava import DynamicLlavaConfig, check_keep_rate
+
+
+logger = logging.get_logger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -92,7 +98,8 @@ class DynamicLlavaImagePredictor(nn.Module):
         )
 
     def forward(self, image_hidden_states: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.down_mlp(image_hidden_states)
+        # The predictor may be kept in float32 while the decoder runs in float16 (`_keep_in_fp32_modules`).
+        x = self.down_mlp(image_hidden_states.to(self.down_mlp[0].weight.dtype))
         if policy is not None:
             x = x * policy
         for block in self.transformer:
@@ -123,7 +130,8 @@ class DynamicLlavaTextPredictor(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.output_mlp(hidden_states)
+        # The predictor may be kept in float32 while the decoder runs in float16 (`_keep_in_fp32_modules`).
+        return self.output_mlp(hidden_states.to(self.output_mlp[0].weight.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,11 +208,14 @@ class DynamicLlavaModelOutputWithPast(BaseModelOutputWithPast):
     output_keep_decisions (`torch.BoolTensor`, *optional*):
         `[batch, new_tokens]`, whether each token's K/V was kept in layers `>= sparse_layer` by the output-text
         predictor. `None` when the predictor did not run in this call.
+    training_keep_masks (`TrainingKeepMasks`, *optional*):
+        The hard straight-through keep masks sampled in a training forward (`model.train()`).
     """
 
     image_hidden_states: torch.Tensor | None = None
     kept_image_token_indices: list[torch.LongTensor] | None = None
     output_keep_decisions: torch.BoolTensor | None = None
+    training_keep_masks: "TrainingKeepMasks | None" = None
 
 
 @dataclass
@@ -217,10 +228,25 @@ class DynamicLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
         See [`DynamicLlavaModelOutputWithPast`].
     output_keep_decisions (`torch.BoolTensor`, *optional*):
         See [`DynamicLlavaModelOutputWithPast`].
+    lm_loss (`torch.FloatTensor`, *optional*):
+        In training with `labels`: the language-modeling cross-entropy alone. `loss` adds `mask_loss_weight` times
+        the keep-rate losses below.
+    image_mask_loss, output_text_mask_loss, instruct_mask_loss (`torch.FloatTensor`, *optional*):
+        Keep-rate losses of a training forward: per mask, the squared gap between the target keep rate and the
+        realised keep ratio, averaged over images (image) or rows (text). `None` when that predictor did not run.
+    image_keep_ratio, output_text_keep_ratio, instruct_keep_ratio (`torch.FloatTensor`, *optional*):
+        Realised keep ratios of a training forward, for logging (text: over the rows long enough to be sparsified).
     """
 
     kept_image_token_indices: list[torch.LongTensor] | None = None
     output_keep_decisions: torch.BoolTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    image_mask_loss: torch.FloatTensor | None = None
+    output_text_mask_loss: torch.FloatTensor | None = None
+    instruct_mask_loss: torch.FloatTensor | None = None
+    image_keep_ratio: torch.FloatTensor | None = None
+    output_text_keep_ratio: torch.FloatTensor | None = None
+    instruct_keep_ratio: torch.FloatTensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -298,6 +324,94 @@ def build_attention_mask(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Training: straight-through keep masks applied as key masks (nothing is removed)
+
+IGNORE_INDEX = -100
+# log(keep + KEEP_FLOOR) is the additive key bias of the masked softmax: 0 for kept keys, about -23 for dropped ones.
+# A dropped key then weighs 1e-10 of its unmasked weight (the official masked softmax leaks eps=1e-6 similarly), and
+# d bias / d keep = 1 / (keep + KEEP_FLOOR) makes the gradient to a dropped key's mask exactly the method's
+# e_ij / sum_k(e_ik keep_k) (v_j - out_i) term, through the standard sdpa/eager kernels.
+KEEP_FLOOR = 1e-10
+
+
+@dataclass
+class TrainingKeepMasks:
+    """Hard 0/1 keep masks (straight-through gradients) sampled at `sparse_layer` in a training forward.
+
+    `image`: `[num_images, tokens_per_image]`. `output_text` / `instruct`: `[batch, max_span]` over each row's answer
+    (the supervised tokens of the last assistant reply) / last instruction, zero past the row's span length
+    (`*_lengths`, `[batch]`). Rows shorter than the config's `*_len_for_training` get all-ones masks (no gradient).
+    """
+
+    image: torch.Tensor | None = None
+    output_text: torch.Tensor | None = None
+    output_text_lengths: torch.LongTensor | None = None
+    instruct: torch.Tensor | None = None
+    instruct_lengths: torch.LongTensor | None = None
+
+    @property
+    def sampled(self) -> bool:
+        return self.image is not None or self.output_text is not None or self.instruct is not None
+
+
+def training_spans(
+    labels: torch.LongTensor | None, valid: torch.Tensor, image_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[batch, seq]` masks of each row's answer and last instruction, as in the official training code.
+
+    The answer is the trailing run of supervised tokens (labels != -100) of the row; the last instruction is the text
+    between the end of the previous supervised run (or of the row's last image) and the answer. Rows without an image
+    have no instruction span (their prompt is never pruned).
+    """
+    columns = torch.arange(valid.shape[1], device=valid.device)
+    supervised = valid & (labels != IGNORE_INDEX) if labels is not None else torch.zeros_like(valid)
+    prompt = valid & ~supervised
+    last_prompt_token = torch.where(prompt, columns, -1).amax(-1, keepdim=True)
+    answer = supervised & (columns > last_prompt_token)
+    previous_reply_end = torch.where(supervised & (columns < last_prompt_token), columns, -1).amax(-1, keepdim=True)
+    last_image = torch.where(image_mask, columns, -1).amax(-1, keepdim=True)
+    start = torch.maximum(previous_reply_end, last_image)
+    instruction = prompt & ~image_mask & (columns > start) & (last_image >= 0)
+    return answer, instruction
+
+
+def float16_attention(hidden_states: torch.Tensor) -> bool:
+    device = hidden_states.device.type
+    autocast_float16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    return hidden_states.dtype == torch.float16 or autocast_float16
+
+
+def build_training_attention_mask(key_keep: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive `[batch, 1, seq, seq]` mask of the method's masked softmax for layers `>= sparse_layer`.
+
+    Causal and padding entries are masked; every other key gets `log(keep + KEEP_FLOOR)`, so gradients reach the
+    keep mask; a query always sees itself whatever its own keep value.
+    """
+    seq = key_keep.shape[1]
+    device = key_keep.device
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+    itself = torch.eye(seq, dtype=torch.bool, device=device)
+    key_bias = torch.log(key_keep.float() + KEEP_FLOOR)[:, None, :]
+    bias = torch.where(itself, torch.zeros((), device=device), key_bias).to(dtype)
+    allowed = (causal[None] & valid[:, None, :]) | itself
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def keep_rate_loss(
+    masks: torch.Tensor, lengths: torch.Tensor, target: float, min_length: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean over rows of (target - realised keep ratio)^2; rows shorter than `min_length` count as 0 (METHOD §5.3).
+
+    Returns the loss and the realised keep ratio over the rows that count (None if none does).
+    """
+    ratios = masks.sum(-1) / lengths.clamp(min=1)
+    counted = lengths >= max(min_length, 1)
+    loss = torch.where(counted, (target - ratios) ** 2, torch.zeros_like(ratios)).mean()
+    realised = ratios[counted].mean().detach() if bool(counted.any()) else None
+    return loss, realised
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Decisions at the sparse layer
 
 
@@ -324,16 +438,50 @@ def keep_decision(logits: torch.Tensor) -> torch.Tensor:
 # Models
 
 
+# What a saved folder's config.json names as remote code, so it loads with `trust_remote_code=True` where this package
+# is not installed. transformers only writes the entry of the class being saved, so all of them are set explicitly.
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_dynamic_llava.DynamicLlavaConfig",
+    "AutoModel": "modeling_dynamic_llava.DynamicLlavaModel",
+    "AutoModelForImageTextToText": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
+}
+
+
 class DynamicLlavaPreTrainedModel(LlavaPreTrainedModel):
     config_class = DynamicLlavaConfig
     # The ragged cache and the data-dependent pruning rule out static shapes, BlockMasks and external backends.
     _can_compile_fullgraph = False
     _supports_flex_attn = False
     _supports_attention_backend = False
+    # Never weight-quantised: every quantizer (bitsandbytes 8/4-bit, torchao, ...) adds these to its
+    # `modules_to_not_convert`, even when the user passes their own skip list. The predictors' keep/drop decisions
+    # compare two close logits, and the vision tower and projector are small next to the decoder. transformers also
+    # keeps them in float32 when a model is loaded in float16 (not bfloat16). Listed for the ForConditionalGeneration
+    # ("model." prefix) and the bare model.
+    _keep_in_fp32_modules = tuple(
+        prefix + name
+        for prefix in ("model.", "")
+        for name in (
+            "vision_tower",
+            "multi_modal_projector",
+            "image_score_predictor",
+            "output_text_score_predictor",
+            "instruct_score_predictor",
+        )
+    )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `_auto_class` (set below) makes transformers copy this file, its relative imports and the config file next
+        # to the weights; the full auto_map makes every Auto class resolve them.
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **REMOTE_CODE_AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
     """Llava backbone whose decoder loop prunes image tokens and gates the KV cache at `sparse_layer`."""
+
+    # Temperature of the training-time Gumbel-softmax; `GumbelTemperatureCallback` anneals it from 1.0 to 0.1.
+    gumbel_tau: float = 1.0
 
     def __init__(self, config):
         # Same sub-modules (and so the same state-dict keys) as LlavaModel, plus the predictors.
@@ -521,6 +669,68 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         return dropped, [indices.reshape(-1) for indices in row_indices]
 
     # -----------------------------------------------------------------------------------------------------------------
+    # Training decisions at the sparse layer
+
+    def sample_keep_mask(self, logits: torch.Tensor, kind: str) -> torch.Tensor:
+        """Hard 0/1 keep mask `[...]` from `[..., 2]` keep/drop logits: Gumbel-softmax at temperature `gumbel_tau`
+        with straight-through gradients. `kind` ("image", "output_text", "instruct") says which predictor ran."""
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return F.gumbel_softmax(log_probs, tau=self.gumbel_tau, hard=True)[..., 0]
+
+    def sample_span_masks(
+        self, hidden_states: torch.Tensor, span: torch.Tensor, predictor: nn.Module, kind: str, min_length: int
+    ) -> tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]:
+        """Keep masks over each row's span (left-aligned, `[batch, max_span]`), its lengths and its positions."""
+        lengths = span.sum(-1)
+        width = int(lengths.max())
+        positions = torch.sort(~span, dim=-1, stable=True).indices[:, :width]
+        in_span = torch.arange(width, device=span.device)[None] < lengths[:, None]
+        masks = self.sample_keep_mask(predictor(gather_tokens(hidden_states, positions)), kind) * in_span
+        # Spans too short to sparsify are kept whole, without gradient to the predictor.
+        too_short = (lengths < min_length)[:, None]
+        masks = torch.where(too_short, in_span.to(masks.dtype), masks)
+        return masks, lengths, positions
+
+    def sample_training_masks(
+        self,
+        hidden_states: torch.Tensor,
+        image_mask: torch.Tensor,
+        valid: torch.Tensor,
+        labels: torch.LongTensor | None,
+        tokens_per_image: int | None,
+        settings: SparsitySettings,
+    ) -> tuple[TrainingKeepMasks, torch.Tensor]:
+        """Samples the keep masks of a training forward; returns them and the `[batch, seq]` key keep values."""
+        config = self.config
+        masks = TrainingKeepMasks()
+        key_keep = torch.ones(valid.shape, dtype=torch.float32, device=valid.device)
+
+        if settings.use_vision_predictor and tokens_per_image is not None:
+            coordinates = image_mask.nonzero()
+            rows = coordinates[:, 0].view(-1, tokens_per_image)
+            cols = coordinates[:, 1].view(-1, tokens_per_image)
+            masks.image = self.sample_keep_mask(self.image_score_predictor(hidden_states[rows, cols]), "image")
+            key_keep = key_keep.index_put((rows.reshape(-1), cols.reshape(-1)), masks.image.reshape(-1))
+
+        answer, instruction = training_spans(labels, valid, image_mask)
+        spans = []
+        if settings.use_output_text_predictor and bool(answer.any()):
+            spans.append(
+                ("output_text", answer, self.output_text_score_predictor, config.output_text_len_for_training)
+            )
+        if settings.use_instruct_predictor and bool(instruction.any()):
+            spans.append(("instruct", instruction, self.instruct_score_predictor, config.instruct_len_for_training))
+        for kind, span, predictor, min_length in spans:
+            span_masks, lengths, positions = self.sample_span_masks(hidden_states, span, predictor, kind, min_length)
+            setattr(masks, kind, span_masks)
+            setattr(masks, f"{kind}_lengths", lengths)
+            # Slots past a row's span point at positions outside it: write back what is already there.
+            in_span = torch.arange(positions.shape[1], device=positions.device)[None] < lengths[:, None]
+            values = torch.where(in_span, span_masks, torch.gather(key_keep, 1, positions))
+            key_keep = key_keep.scatter(1, positions, values)
+        return masks, key_keep
+
+    # -----------------------------------------------------------------------------------------------------------------
     # Forward
 
     def forward(
@@ -540,6 +750,7 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         output_attentions: bool | None = None,
         sparsity: "SparsitySettings | dict | bool | None" = None,
         num_generated_tokens: int = 0,
+        labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> DynamicLlavaModelOutputWithPast | tuple:
@@ -551,6 +762,9 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
             Without a cache: the last `num_generated_tokens` input tokens are model outputs. Those the output-text
             predictor drops are removed from layers `>= sparse_layer` (the newest one is always computed), which makes
             no-cache decoding equal to cached decoding. `generate(use_cache=False)` sets it.
+        labels (`torch.LongTensor`, *optional*):
+            Only read in training (`model.train()`): each row's answer span, the supervised tokens of its last reply,
+            is what the output-text predictor masks.
         """
         settings = resolve_sparsity(self, sparsity)
         text_config = self.config.text_config
@@ -569,6 +783,23 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         device = inputs_embeds.device
 
         use_cache = use_cache if use_cache is not None else (text_config.use_cache and not self.training)
+        sample_masks = self.training and settings.enabled
+        if sample_masks and (use_cache or past_key_values is not None):
+            raise ValueError(
+                "A training forward (model.train() with sparsification on) samples keep masks instead of removing "
+                "tokens and cannot use a KV cache: pass use_cache=False, or call model.eval() for inference."
+            )
+        if sample_masks and text_config._attn_implementation.startswith("flash_attention"):
+            raise ValueError(
+                "Training Dynamic-LLaVA needs the masked softmax of the method, an additive float mask that flash "
+                "attention cannot take: load the model with attn_implementation='sdpa' (or 'eager') for training."
+            )
+        if sample_masks and float16_attention(inputs_embeds):
+            logger.warning_once(
+                "Training Dynamic-LLaVA in float16: dropped tokens' attention weights (~1e-10 of their unmasked "
+                "value) underflow, so their keep masks get no gradient through attention. Train in bfloat16 or "
+                "float32."
+            )
         cache = self.resolve_cache(past_key_values, use_cache)
         past_seen = cache.get_seq_length() if cache is not None else 0
         decoding_step = num_new == 1 and past_seen > 0
@@ -643,9 +874,15 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
 
-        # The sparse layer: decide, then physically drop what the later layers must not see.
+        # The sparse layer: decide, then physically drop what the later layers must not see (inference), or sample
+        # keep masks that the later layers apply as key masks (training).
         plan = SparseLayerPlan(keep_computing=None, persist=valid)
-        if settings.enabled:
+        training_keep_masks = None
+        if sample_masks:
+            training_keep_masks, key_keep = self.sample_training_masks(
+                hidden_states, image_mask, valid, labels, tokens_per_image, settings
+            )
+        elif settings.enabled:
             plan = self.plan_sparse_layer(
                 hidden_states,
                 image_mask,
@@ -674,8 +911,12 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
 
         if cache is not None:
             cache.begin_step(SPARSE_GROUP, persist)
-        layout = cache_layout(cache, SPARSE_GROUP)
-        mask = build_attention_mask(attn_implementation, layout, visible, hidden_states.dtype)
+        if training_keep_masks is not None and training_keep_masks.sampled:
+            mask = build_training_attention_mask(key_keep, valid, hidden_states.dtype)
+        else:
+            mask = build_attention_mask(
+                attn_implementation, cache_layout(cache, SPARSE_GROUP), visible, hidden_states.dtype
+            )
         for layer in layers[sparse_layer:]:
             hidden_states = layer(
                 hidden_states,
@@ -701,6 +942,7 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
             image_hidden_states=torch.stack(list(image_features)) if image_features is not None else None,
             kept_image_token_indices=plan.kept_image_token_indices,
             output_keep_decisions=plan.output_keep_decisions,
+            training_keep_masks=training_keep_masks,
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -772,6 +1014,7 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
             output_attentions=output_attentions,
             sparsity=sparsity,
             num_generated_tokens=num_generated_tokens,
+            labels=labels,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -791,7 +1034,37 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
             kept_image_token_indices=outputs.kept_image_token_indices,
             output_keep_decisions=outputs.output_keep_decisions,
         )
+        if outputs.training_keep_masks is not None:
+            self.add_keep_rate_losses(output, outputs.training_keep_masks, sparsity)
         return output if return_dict is not False else output.to_tuple()
+
+    def add_keep_rate_losses(
+        self, output: DynamicLlavaCausalLMOutputWithPast, masks: TrainingKeepMasks, sparsity
+    ) -> None:
+        """Adds `mask_loss_weight` x the keep-rate losses of a training forward to `output.loss` (METHOD.md §5.3) and
+        records the separate terms and the realised keep ratios."""
+        config = self.config
+        settings = resolve_sparsity(self.model, sparsity)
+        mask_loss = None
+        if masks.image is not None:
+            lengths = torch.full(masks.image.shape[:1], masks.image.shape[1], device=masks.image.device)
+            output.image_mask_loss, output.image_keep_ratio = keep_rate_loss(
+                masks.image, lengths, settings.vision_keep_rate, 0
+            )
+            mask_loss = output.image_mask_loss
+        for kind, target, min_length in (
+            ("output_text", config.output_text_keep_rate, config.output_text_len_for_training),
+            ("instruct", config.instruct_keep_rate, config.instruct_len_for_training),
+        ):
+            if getattr(masks, kind) is None:
+                continue
+            term, ratio = keep_rate_loss(getattr(masks, kind), getattr(masks, f"{kind}_lengths"), target, min_length)
+            setattr(output, f"{kind}_mask_loss", term)
+            setattr(output, f"{kind}_keep_ratio", ratio)
+            mask_loss = term if mask_loss is None else mask_loss + term
+        if output.loss is not None and mask_loss is not None:
+            output.lm_loss = output.loss
+            output.loss = output.loss + config.mask_loss_weight * mask_loss
 
     # -----------------------------------------------------------------------------------------------------------------
     # generate() integration
@@ -822,6 +1095,10 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
         return model_kwargs
 
 
+DynamicLlavaConfig.register_for_auto_class()
+DynamicLlavaModel.register_for_auto_class("AutoModel")
+DynamicLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
 __all__ = [
     "DynamicLlavaForConditionalGeneration",
     "DynamicLlavaModel",
@@ -831,4 +1108,5 @@ __all__ = [
     "DynamicLlavaModelOutputWithPast",
     "DynamicLlavaCausalLMOutputWithPast",
     "SparsitySettings",
+    "TrainingKeepMasks",
 ]

@@ -1,0 +1,1036 @@
+"""`dynamic-llava bench`: Dynamic-LLaVA against transformers' `LlavaForConditionalGeneration` (same weights, one run).
+
+A model of a named shape (`PRESETS`) is built with random weights; the baseline Llava shares the very same tensors (no
+copy). Both are measured alternately, so load changes on a shared machine hit both alike:
+
+- prefill (time to first token: one forward with a fresh cache, `logits_to_keep=1`, vision tower included), median of
+  `repeats` runs after `warmup` runs per batch size;
+- decoding with a KV cache: greedy `generate()` with exactly `new_tokens` tokens (`min_new_tokens = max_new_tokens`,
+  no EOS), timed per step by a logits processor; ms/token is the median step, tokens/s the whole run;
+- KV-cache bytes (ours: `sparsity_report()` stored vs dense, plus the allocated buffers; baseline: its DynamicCache)
+  and, on CUDA, peak allocated memory above the weights (`torch.cuda.max_memory_allocated`). On CPU no peak memory is
+  measured (the process allocator gives no per-call peak), only the KV bytes;
+- analytic FLOPs (`flops.py`, paper convention and exact matmul counts) beside every measured ratio, and for decoding
+  also the bytes read per step (weights + KV), the limit of a memory-bound step;
+- a prefill keep-rate sweep (0.1 … 1.0) with a PNG plot.
+
+Random predictors keep or drop almost every generated token. So before each timed decoding point an untimed run with
+the same inputs and length shifts the output-text predictor's keep/drop bias to the quantile that keeps
+`output_keep_rate` of its generated tokens; the realised rate of the timed run is reported (overall and per row: a
+random model repeats a few tokens per row, so its decisions differ far more between rows than within one).
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from accelerate import init_empty_weights
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
+
+from .configuration_dynamic_llava import DynamicLlavaConfig
+from .flops import (
+    ModelShape,
+    cached_decode_flops,
+    cached_decode_kv_read_bytes,
+    no_cache_decode_flops,
+    paper_no_cache_decode_flops,
+    paper_prefill_flops,
+    prefill_flops,
+    total_flops,
+)
+from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    """A model shape to benchmark and the prompt it is fed (text tokens around one image)."""
+
+    name: str
+    description: str
+    text_config: dict
+    vision_config: dict
+    predictor_config: dict
+    image_token_index: int
+    text_tokens_before_image: int  # BOS included
+    text_tokens_after_image: int
+
+    def config(self, vision_keep_rate: float | None = None) -> DynamicLlavaConfig:
+        vision = CLIPVisionConfig(**self.vision_config)
+        overrides = {} if vision_keep_rate is None else {"vision_keep_rate": vision_keep_rate}
+        return DynamicLlavaConfig(
+            text_config=LlamaConfig(**self.text_config),
+            vision_config=vision,
+            image_token_index=self.image_token_index,
+            image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+            **self.predictor_config,
+            **overrides,
+        )
+
+    @property
+    def num_text_tokens(self) -> int:
+        return self.text_tokens_before_image + self.text_tokens_after_image
+
+
+LLAVA_VOCAB = 32064  # llava-1.5-hf: 32000 LLaMA tokens + <image> + <pad>, padded to a multiple of 64
+CLIP_VIT_L_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+}
+OFFICIAL_PREDICTORS = {
+    "predictor_d_model": 512,
+    "predictor_num_heads": 8,
+    "predictor_ffn_dim": 2048,
+    "predictor_num_layers": 2,
+}
+
+
+def _llama(hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int, vocab_size: int) -> dict:
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_heads,
+        "max_position_embeddings": 8192,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def _cpu_7b_topology() -> BenchPreset:
+    hidden_size = 256
+    # LLaVA-1.5-7B's structure at width 256: 32 layers, MHA with 7B's head size (128, so 2 heads), SiLU-gated MLP at
+    # 7B's intermediate/hidden ratio (11008/4096), real vocabulary. Predictors scaled with the width: d_model =
+    # hidden/8 (512 at 4096), ffn = 4 × d_model (2048/512), 2 blocks, and one head of 32 (the official heads are 64
+    # wide; narrower heads only slow the kernel down). A cheap CLIP-style tower (2 layers of width 64) still turns a
+    # 336 px image into 24 × 24 = 576 patch tokens.
+    d_model = hidden_size // 8
+    return BenchPreset(
+        name="cpu-7b-topology",
+        description=(
+            "LLaVA-1.5-7B layer structure at width 256 (32 layers, MHA, 2 heads of 128, SiLU-gated MLP 688 = "
+            "256 x 11008/4096, vocab 32064), 576 image tokens from a cheap 2-layer CLIP-style tower (width 64, "
+            "336 px / 14 px patches), 40 prompt tokens, predictors at d_model 32 / ffn 128 / 1 head"
+        ),
+        text_config=_llama(hidden_size, hidden_size * 11008 // 4096, 32, 2, LLAVA_VOCAB),
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 336,
+            "patch_size": 14,
+        },
+        predictor_config={
+            "predictor_d_model": d_model,
+            "predictor_num_heads": 1,
+            "predictor_ffn_dim": 4 * d_model,
+            "predictor_num_layers": 2,
+        },
+        image_token_index=32000,
+        text_tokens_before_image=35,
+        text_tokens_after_image=5,
+    )
+
+
+PRESETS: dict[str, BenchPreset] = {
+    "tiny": BenchPreset(
+        name="tiny",
+        description="4-layer width-64 model, 36 image tokens (84 px / 14 px), 10 prompt tokens: a smoke test",
+        text_config=_llama(64, 172, 4, 4, 1000),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 84,
+            "patch_size": 14,
+        },
+        predictor_config={
+            "predictor_d_model": 16,
+            "predictor_num_heads": 2,
+            "predictor_ffn_dim": 64,
+            "predictor_num_layers": 2,
+        },
+        image_token_index=999,
+        text_tokens_before_image=6,
+        text_tokens_after_image=4,
+    ),
+    "cpu-7b-topology": _cpu_7b_topology(),
+    "llava-1.5-7b": BenchPreset(
+        name="llava-1.5-7b",
+        description="LLaVA-1.5-7B shapes (Vicuna-7B + CLIP ViT-L/14-336), random weights; needs a GPU (14 GB bf16)",
+        text_config=_llama(4096, 11008, 32, 32, LLAVA_VOCAB),
+        vision_config=CLIP_VIT_L_336,
+        predictor_config=OFFICIAL_PREDICTORS,
+        image_token_index=32000,
+        text_tokens_before_image=35,
+        text_tokens_after_image=5,
+    ),
+    "llava-1.5-13b": BenchPreset(
+        name="llava-1.5-13b",
+        description="LLaVA-1.5-13B shapes (Vicuna-13B + CLIP ViT-L/14-336), random weights; needs a GPU (27 GB bf16)",
+        text_config=_llama(5120, 13824, 40, 40, LLAVA_VOCAB),
+        vision_config=CLIP_VIT_L_336,
+        predictor_config=OFFICIAL_PREDICTORS,
+        image_token_index=32000,
+        text_tokens_before_image=35,
+        text_tokens_after_image=5,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class BenchSettings:
+    """What `run_benchmark` measures. Empty batch-size/keep-rate tuples skip that part."""
+
+    preset: str = "tiny"
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    attn_implementation: str = "sdpa"
+    prefill_batch_sizes: tuple[int, ...] = (1, 8)
+    decode_batch_sizes: tuple[int, ...] = (1, 8, 32)
+    new_tokens: tuple[int, ...] | None = None  # None: (256, 1024), plus 4096 on cuda
+    repeats: int = 5
+    warmup: int = 1
+    decode_repeats: int = 1
+    vision_keep_rate: float | None = None  # None: the config default (0.2)
+    output_keep_rate: float = 0.5
+    sweep_keep_rates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    sweep_batch_size: int = 1
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"Unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+        for name in ("prefill_batch_sizes", "decode_batch_sizes", "new_tokens"):
+            values = getattr(self, name) or ()
+            if any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name} must be positive integers, got {values}")
+        if any(v < 2 for v in self.new_tokens or ()):
+            raise ValueError(
+                f"new_tokens must be >= 2 (the first token comes from the prefill), got {self.new_tokens}"
+            )
+        for name in ("repeats", "decode_repeats", "sweep_batch_size", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        rates = [self.output_keep_rate, *self.sweep_keep_rates]
+        if self.vision_keep_rate is not None:
+            rates.append(self.vision_keep_rate)
+        if any(not 0.0 < r <= 1.0 for r in rates):
+            raise ValueError(f"keep rates must lie in (0, 1], got {rates}")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_and_dtype(settings: BenchSettings) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    dtype_name = settings.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, DTYPES[dtype_name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models and inputs
+
+
+def build_models(
+    preset: BenchPreset,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+    vision_keep_rate: float | None = None,
+    seed: int = 0,
+) -> tuple[DynamicLlavaForConditionalGeneration, LlavaForConditionalGeneration]:
+    """Dynamic-LLaVA with random weights, and transformers' Llava sharing the same tensors (predictors aside)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = DynamicLlavaForConditionalGeneration._from_config(
+            preset.config(vision_keep_rate), dtype=dtype, attn_implementation=attn_implementation
+        )
+    return model.eval(), baseline_llava(model)
+
+
+def baseline_llava(model: DynamicLlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """`LlavaForConditionalGeneration` whose parameters are the given model's own tensors (no copy)."""
+    config = model.config
+    llava_config = LlavaConfig(
+        text_config=config.text_config.to_dict(),
+        vision_config=config.vision_config.to_dict(),
+        image_token_index=config.image_token_id,
+        image_seq_length=config.image_seq_length,
+        projector_hidden_act=config.projector_hidden_act,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        multimodal_projector_bias=config.multimodal_projector_bias,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+    # Parameters on the meta device (nothing allocated), buffers (RoPE tables) real; then adopt the model's tensors.
+    with init_empty_weights(include_buffers=False):
+        baseline = LlavaForConditionalGeneration._from_config(
+            llava_config, dtype=model.dtype, attn_implementation=config.text_config._attn_implementation
+        )
+    shared = {name: tensor for name, tensor in model.state_dict().items() if "_score_predictor." not in name}
+    baseline.load_state_dict(shared, strict=True, assign=True)
+    return baseline.to(model.device).eval()
+
+
+def make_inputs(preset: BenchPreset, config, batch_size: int, device: torch.device, dtype: torch.dtype, seed: int):
+    """`batch_size` rows of the same length: BOS, text, one image's placeholder tokens, text; random pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    image_token = config.image_token_id
+
+    def text(length: int) -> torch.Tensor:
+        return torch.randint(
+            3, min(image_token, config.text_config.vocab_size), (batch_size, length), generator=generator
+        )
+
+    input_ids = torch.cat(
+        [
+            torch.ones(batch_size, 1, dtype=torch.long),
+            text(preset.text_tokens_before_image - 1),
+            torch.full((batch_size, config.image_seq_length), image_token),
+            text(preset.text_tokens_after_image),
+        ],
+        dim=1,
+    )
+    size = config.vision_config.image_size
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "pixel_values": pixel_values.to(device, dtype),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+class Stopwatch:
+    """Wall time of a call: CUDA events on a GPU (the CUDA path is not exercised in this project's CPU-only CI),
+    `time.perf_counter` on CPU. On CUDA it also records the peak memory allocated during the call above what was
+    allocated before it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, object, int | None]:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            allocated_before = torch.cuda.memory_allocated(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            end.synchronize()
+            peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
+            return start.elapsed_time(end) / 1000.0, result, peak
+        start = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - start, result, None
+
+
+class StepClock(LogitsProcessor):
+    """Timestamps each generation step: `generate()` calls logits processors once per step, right after the forward.
+
+    On CUDA it records events (no synchronisation of its own), read after `generate()` returns.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stamps: list = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.stamps.append(event)
+        else:
+            self.stamps.append(time.perf_counter())
+        return scores
+
+    def step_seconds(self) -> list[float]:
+        """Durations of the decoding steps (step i's stamp minus step i-1's), the prefill step excluded."""
+        if self.cuda:
+            self.stamps[-1].synchronize()
+            return [a.elapsed_time(b) / 1000.0 for a, b in zip(self.stamps, self.stamps[1:])]
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+def alternate(run_ours: Callable, run_baseline: Callable, repeats: int, warmup: int, stopwatch: Stopwatch, tick):
+    """Times both callables alternately (the order flips every repeat). Returns per side the samples in seconds, the
+    last result and the last peak memory."""
+    for _ in range(warmup):
+        run_ours()
+        tick()
+        run_baseline()
+        tick()
+    samples = {"ours": [], "baseline": []}
+    last = {}
+    runs = {"ours": run_ours, "baseline": run_baseline}
+    for repeat in range(repeats):
+        for side in ("ours", "baseline") if repeat % 2 == 0 else ("baseline", "ours"):
+            seconds, result, peak = stopwatch(runs[side])
+            samples[side].append(seconds)
+            last[side] = (result, peak)
+            tick()
+    return samples, last
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output-text predictor calibration
+
+
+def calibrate_output_text_predictor(model, inputs: dict, target_keep_rate: float, new_tokens: int) -> dict:
+    """Shifts the output-text predictor's keep/drop bias so that `target_keep_rate` of the generated tokens of a run on
+    `inputs` would have been kept (a random predictor keeps or drops nearly all of them). Returns what it did."""
+    predictor = model.model.output_text_score_predictor
+    if predictor is None:
+        raise ValueError("the model has no output-text predictor to calibrate")
+    margins = []
+    hook = predictor.register_forward_hook(
+        lambda module, args, logits: margins.append((logits[..., 0] - logits[..., 1]).float().flatten().cpu())
+    )
+    try:
+        generate(model, inputs, new_tokens)
+    finally:
+        hook.remove()
+    margins = torch.cat(margins)
+    threshold = float(torch.quantile(margins, 1.0 - target_keep_rate))
+    with torch.no_grad():
+        predictor.output_mlp[-1].bias[0] -= threshold
+    return {
+        "target_keep_rate": target_keep_rate,
+        "keep_logit_shift": -threshold,
+        "calibration_tokens": margins.numel(),
+        "margin_std": float(margins.std()),
+    }
+
+
+def generate(model, inputs: dict, new_tokens: int, clock: StepClock | None = None):
+    """Greedy generation of exactly `new_tokens` tokens (no EOS), returning the generate output."""
+    out = model.generate(
+        **inputs,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        logits_processor=LogitsProcessorList([clock] if clock is not None else []),
+        return_dict_in_generate=True,
+    )
+    produced = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+    if produced != new_tokens:
+        raise RuntimeError(f"{type(model).__name__} generated {produced} tokens instead of {new_tokens}")
+    return out
+
+
+def cache_tensor_bytes(cache) -> int:
+    """Bytes of the K/V tensors a cache holds (for ours: the allocated buffers, scratch included)."""
+    return sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers
+        if getattr(layer, "keys", None) is not None
+    )
+
+
+def parameter_bytes(module: torch.nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def environment(device: torch.device, dtype: torch.dtype, attn_implementation: str) -> dict:
+    import transformers
+
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
+        "device_type": device.type,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": attn_implementation,
+        "gpu_figures_measured": device.type == "cuda",
+    }
+
+
+def cpu_name() -> str:
+    try:  # Linux names the model in /proc/cpuinfo; platform.processor() is often empty there
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # not available on every platform
+        return None
+
+
+def analytic_prefill(shape: ModelShape, base_shape: ModelShape, preset: BenchPreset, keep_rate: float, batch: int):
+    kept = shape.kept_image_tokens(keep_rate)
+    exact_ours = total_flops(
+        prefill_flops(shape, preset.num_text_tokens, vision_keep_rate=keep_rate, batch_size=batch)
+    )
+    exact_base = total_flops(prefill_flops(base_shape, preset.num_text_tokens, batch_size=batch))
+    paper = [
+        paper_prefill_flops(shape.hidden_size, shape.num_layers, shape.image_tokens, k, shape.sparse_layer) * batch
+        for k in (kept, None)
+    ]
+    return {
+        "kept_image_tokens": kept,
+        "image_tokens": shape.image_tokens,
+        "exact": {"ours": exact_ours, "baseline": exact_base, "ratio": ratio(exact_ours, exact_base)},
+        "paper": {"ours": paper[0], "baseline": paper[1], "ratio": ratio(paper[0], paper[1])},
+    }
+
+
+def analytic_no_cache_decode(
+    shape: ModelShape, base_shape: ModelShape, preset: BenchPreset, keep_rate: float, output_keep_rate: float, tokens
+):
+    kept = shape.kept_image_tokens(keep_rate)
+    exact_ours = total_flops(
+        no_cache_decode_flops(
+            shape, preset.num_text_tokens, tokens, vision_keep_rate=keep_rate, output_keep_rate=output_keep_rate
+        )
+    )
+    exact_base = total_flops(no_cache_decode_flops(base_shape, preset.num_text_tokens, tokens))
+    args = (shape.hidden_size, shape.num_layers, shape.image_tokens, tokens)
+    paper_ours = paper_no_cache_decode_flops(*args, kept, output_keep_rate, shape.sparse_layer)
+    paper_base = paper_no_cache_decode_flops(*args, sparse_layer=shape.sparse_layer)
+    return {
+        "new_tokens": tokens,
+        "output_keep_rate": output_keep_rate,
+        "exact": {"ours": exact_ours, "baseline": exact_base, "ratio": ratio(exact_ours, exact_base)},
+        "paper": {"ours": paper_ours, "baseline": paper_base, "ratio": ratio(paper_ours, paper_base)},
+    }
+
+
+def analytic_results(settings: BenchSettings) -> dict:
+    """The FLOPs part alone, from the preset's shapes (no weights are built): works for every preset anywhere."""
+    settings.validate()
+    preset = PRESETS[settings.preset]
+    config = preset.config(settings.vision_keep_rate)
+    shape = ModelShape.from_config(config)
+    base_shape = ModelShape.from_config(baseline_config(config))
+    keep_rate = config.vision_keep_rate
+    new_tokens = settings.new_tokens or (256, 1024, 4096)
+    return {
+        "preset": preset.name,
+        "description": preset.description,
+        "vision_keep_rate": keep_rate,
+        "analytic_only": True,
+        "prefill_flops": analytic_prefill(shape, base_shape, preset, keep_rate, 1),
+        "no_cache_decode_flops": [
+            analytic_no_cache_decode(shape, base_shape, preset, keep_rate, settings.output_keep_rate, tokens)
+            for tokens in new_tokens
+        ],
+    }
+
+
+def baseline_config(config: DynamicLlavaConfig) -> DynamicLlavaConfig:
+    """The same shapes without predictors, for the baseline's FLOPs."""
+    return DynamicLlavaConfig(
+        text_config=config.text_config.to_dict(),
+        vision_config=config.vision_config.to_dict(),
+        image_token_index=config.image_token_id,
+        image_seq_length=config.image_seq_length,
+        sparse_layer=config.sparse_layer,
+        use_vision_predictor=False,
+        use_output_text_predictor=False,
+    )
+
+
+def run_benchmark(settings: BenchSettings) -> dict:
+    """Runs everything `settings` asks for and returns the results (see the module docstring); nothing is written."""
+    from tqdm.auto import tqdm
+
+    settings.validate()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    preset = PRESETS[settings.preset]
+    device, dtype = resolve_device_and_dtype(settings)
+    new_tokens = settings.new_tokens or ((256, 1024, 4096) if device.type == "cuda" else (256, 1024))
+    model, baseline = build_models(
+        preset, device, dtype, settings.attn_implementation, settings.vision_keep_rate, settings.seed
+    )
+    config = model.config
+    shape = ModelShape.from_config(config)
+    base_shape = ModelShape.from_config(baseline_config(config))
+    keep_rate = config.vision_keep_rate
+    stopwatch = Stopwatch(device)
+
+    decode_grid = [(batch, tokens) for batch in settings.decode_batch_sizes for tokens in new_tokens]
+    prefill_runs = 2 * (settings.warmup + settings.repeats)
+    total_runs = prefill_runs * (len(settings.prefill_batch_sizes) + len(settings.sweep_keep_rates)) + sum(
+        2 * (1 + settings.decode_repeats) for _ in decode_grid
+    )
+    bar = tqdm(total=total_runs, desc=preset.name, unit="run", disable=not settings.progress)
+
+    results = {
+        "preset": preset.name,
+        "description": preset.description,
+        "environment": environment(device, dtype, settings.attn_implementation),
+        "settings": {**asdict(settings), "new_tokens": list(new_tokens)},
+        "vision_keep_rate": keep_rate,
+        "load_average": {"start": load_average()},
+        "weights_bytes": parameter_bytes(model),
+        "prefill_flops": analytic_prefill(shape, base_shape, preset, keep_rate, 1),
+    }
+    with torch.inference_mode():
+        results["prefill"] = [
+            measure_prefill(model, baseline, preset, shape, base_shape, batch, settings, stopwatch, bar)
+            for batch in settings.prefill_batch_sizes
+        ]
+        results["load_average"]["after_prefill"] = load_average()
+
+        results["decode"] = [
+            measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, settings, stopwatch, bar)
+            for batch, tokens in decode_grid
+        ]
+        results["load_average"]["after_decode"] = load_average()
+
+        realised = [row["ours"]["output_keep_rate"] for row in results["decode"]]
+        output_keep_rate = statistics.fmean(realised) if realised else settings.output_keep_rate
+        results["no_cache_decode_flops"] = [
+            analytic_no_cache_decode(shape, base_shape, preset, keep_rate, output_keep_rate, tokens)
+            for tokens in new_tokens
+        ]
+        results["keep_rate_sweep"] = [
+            measure_prefill(
+                model,
+                baseline,
+                preset,
+                shape,
+                base_shape,
+                settings.sweep_batch_size,
+                settings,
+                stopwatch,
+                bar,
+                sparsity={"vision_keep_rate": rate},
+            )
+            for rate in settings.sweep_keep_rates
+        ]
+        results["load_average"]["end"] = load_average()
+    bar.close()
+    return results
+
+
+def measure_prefill(
+    model, baseline, preset, shape, base_shape, batch, settings, stopwatch, bar, sparsity=None
+) -> dict:
+    device, dtype = model.device, model.dtype
+    inputs = make_inputs(preset, model.config, batch, device, dtype, settings.seed)
+    bar.set_postfix_str(f"prefill batch {batch}")
+    extra = {} if sparsity is None else {"sparsity": sparsity}
+    samples, last = alternate(
+        lambda: model(**inputs, use_cache=True, logits_to_keep=1, **extra),
+        lambda: baseline(**inputs, use_cache=True, logits_to_keep=1),
+        settings.repeats,
+        settings.warmup,
+        stopwatch,
+        bar.update,
+    )
+    keep_rate = model.config.vision_keep_rate if sparsity is None else sparsity["vision_keep_rate"]
+    analytic = analytic_prefill(shape, base_shape, preset, keep_rate, batch)
+    # What the model really kept in layers >= sparse_layer must match what the FLOPs assume.
+    stored = last["ours"][0].past_key_values.stored_lengths()
+    kept_image = int(stored[-1, 0]) - preset.num_text_tokens
+    if kept_image != analytic["kept_image_tokens"]:
+        raise RuntimeError(
+            f"the model kept {kept_image} image tokens, the FLOPs assume {analytic['kept_image_tokens']}"
+        )
+    ours_ms = 1000 * statistics.median(samples["ours"])
+    baseline_ms = 1000 * statistics.median(samples["baseline"])
+    return {
+        "batch_size": batch,
+        "vision_keep_rate": keep_rate,
+        "ours_ms": ours_ms,
+        "baseline_ms": baseline_ms,
+        "ratio": ratio(ours_ms, baseline_ms),
+        "ours_ms_samples": [1000 * s for s in samples["ours"]],
+        "baseline_ms_samples": [1000 * s for s in samples["baseline"]],
+        "peak_memory_bytes": {"ours": last["ours"][1], "baseline": last["baseline"][1]},
+        "flops": analytic,
+    }
+
+
+def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, settings, stopwatch, bar) -> dict:
+    device, dtype = model.device, model.dtype
+    inputs = make_inputs(preset, model.config, batch, device, dtype, settings.seed)
+    bar.set_postfix_str(f"decode batch {batch}, {tokens} tokens")
+    # Untimed: calibrate the output-text predictor on these very inputs (also ours' warm-up); warm the baseline up.
+    calibration = calibrate_output_text_predictor(model, inputs, settings.output_keep_rate, tokens)
+    bar.update()
+    generate(baseline, inputs, 4)
+    bar.update()
+
+    runs = {"ours": [], "baseline": []}
+    candidates = {"ours": model, "baseline": baseline}
+    for repeat in range(settings.decode_repeats):
+        for side in ("ours", "baseline") if repeat % 2 == 0 else ("baseline", "ours"):
+            clock = StepClock(device)
+            _, out, peak = stopwatch(
+                lambda model=candidates[side], clock=clock: generate(model, inputs, tokens, clock)
+            )
+            steps = clock.step_seconds()
+            runs[side].append({"steps": steps, "cache": out.past_key_values, "peak": peak})
+            bar.update()
+
+    def summary(side: str) -> dict:
+        medians = [statistics.median(run["steps"]) for run in runs[side]]
+        whole = [sum(run["steps"]) for run in runs[side]]
+        ms_per_token = 1000 * statistics.median(medians)
+        return {
+            "ms_per_token": ms_per_token,
+            "tokens_per_s": 1000 * batch / ms_per_token,
+            "ms_per_token_whole_run": 1000 * statistics.median(whole) / (tokens - 1),
+            "tokens_per_s_whole_run": batch * (tokens - 1) / statistics.median(whole),
+            "peak_memory_bytes": runs[side][-1]["peak"],
+        }
+
+    ours, base = summary("ours"), summary("baseline")
+    report = runs["ours"][-1]["cache"].sparsity_report()
+    stored = sum(row["stored_kv_bytes"] for row in report)
+    dense = sum(row["dense_kv_bytes"] for row in report)
+    kept = sum(row["generated_tokens_kept"] for row in report)
+    judged = sum(row["generated_tokens_total"] for row in report)
+    row_rates = [row["generated_tokens_kept"] / row["generated_tokens_total"] for row in report]
+    ours.update(
+        stored_kv_bytes=stored,
+        dense_kv_bytes=dense,
+        allocated_kv_bytes=cache_tensor_bytes(runs["ours"][-1]["cache"]),
+        output_keep_rate=kept / judged if judged else None,
+        output_keep_rate_row_range=[min(row_rates), max(row_rates)],
+        image_tokens_kept=report[0]["image_tokens_kept"],
+    )
+    base["kv_bytes"] = cache_tensor_bytes(runs["baseline"][-1]["cache"])
+
+    # Analytic cost of the decoding steps, at the realised output keep rate.
+    prompt = inputs["input_ids"].shape[1]
+    kept_prompt = preset.num_text_tokens + ours["image_tokens_kept"]
+    rate = ours["output_keep_rate"]
+    flops_ours = total_flops(cached_decode_flops(shape, prompt, tokens, kept_prompt, rate, batch))
+    flops_base = total_flops(cached_decode_flops(base_shape, prompt, tokens, batch_size=batch))
+    value_bytes = torch.finfo(dtype).bits // 8
+    steps = tokens - 1
+    # Each decoding step reads the decoder and LM-head weights once, plus every stored K/V entry.
+    step_weights = parameter_bytes(model.model.language_model) + parameter_bytes(model.lm_head)
+    read_ours = steps * (step_weights + parameter_bytes(model.model.output_text_score_predictor))
+    read_ours += cached_decode_kv_read_bytes(shape, prompt, tokens, value_bytes, kept_prompt, rate, batch)
+    read_base = steps * step_weights + cached_decode_kv_read_bytes(
+        base_shape, prompt, tokens, value_bytes, None, None, batch
+    )
+    return {
+        "batch_size": batch,
+        "new_tokens": tokens,
+        "calibration": calibration,
+        "ours": ours,
+        "baseline": base,
+        "ms_per_token_ratio": ratio(ours["ms_per_token"], base["ms_per_token"]),
+        "kv_bytes_ratio": ratio(stored, dense),
+        "flops_per_token": {
+            "ours": flops_ours / steps,
+            "baseline": flops_base / steps,
+            "ratio": ratio(flops_ours, flops_base),
+        },
+        "bytes_read_per_token": {
+            "ours": read_ours / steps,
+            "baseline": read_base / steps,
+            "ratio": ratio(read_ours, read_base),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _flops(value: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g}"
+
+
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def markdown_report(results: dict) -> str:
+    """The results as Markdown tables (what the CLI prints)."""
+    lines = [f"## `{results['preset']}`: Dynamic-LLaVA vs transformers' Llava (same weights)", ""]
+    lines += [results["description"] + ".", ""]
+    env = results.get("environment")
+    cuda = bool(env and env["gpu_figures_measured"])
+    keep = results["vision_keep_rate"]
+    if env:
+        lines.append(
+            f"Device: {env['device']}, {env['cpu_count']} CPU cores ({env['torch_threads']} torch threads), "
+            f"torch {env['torch']}, transformers {env['transformers']}, {env['dtype']}, "
+            f"attention {env['attn_implementation']}. Load average (1/5/15 min) at start: "
+            f"{results['load_average']['start']}, at end: {results['load_average']['end']}."
+        )
+        if not cuda:
+            lines.append(
+                "No GPU figures: peak memory is not measured on CPU; the KV-cache bytes are reported instead."
+            )
+        lines.append("")
+
+    if results.get("prefill"):
+        header = [
+            "batch",
+            "baseline ms",
+            "Dynamic-LLaVA ms",
+            "measured ratio",
+            "exact-FLOPs ratio",
+            "paper-FLOPs ratio",
+        ]
+        rows = []
+        for row in results["prefill"]:
+            flops = row["flops"]
+            cells = [
+                str(row["batch_size"]),
+                _fmt(row["baseline_ms"], 1),
+                _fmt(row["ours_ms"], 1),
+                f"**{_fmt(row['ratio'], 3)}**",
+                _fmt(flops["exact"]["ratio"], 3),
+                _fmt(flops["paper"]["ratio"], 3),
+            ]
+            if cuda:
+                cells.append(
+                    f"{_bytes(row['peak_memory_bytes']['baseline'])} / {_bytes(row['peak_memory_bytes']['ours'])}"
+                )
+            rows.append(cells)
+        lines += [f"### Prefill (time to first token), vision keep rate {keep}", ""]
+        lines += _table(header + (["peak memory baseline / ours"] if cuda else []), rows)
+        flops = results["prefill"][0]["flops"]
+        settings = results["settings"]
+        note = (
+            f"Image tokens {flops['image_tokens']} -> {flops['kept_image_tokens']} from layer `sparse_layer` on. "
+            f"Median of {settings['repeats']} runs after {settings['warmup']} warm-up run(s), the models alternating."
+        )
+        lines += ["", note, ""]
+
+    if results.get("decode"):
+        header = [
+            "batch",
+            "new tokens",
+            "baseline ms/token",
+            "Dynamic-LLaVA ms/token",
+            "measured ratio",
+            "baseline tok/s",
+            "Dynamic-LLaVA tok/s",
+            "output keep rate (rows)",
+            "KV stored / dense",
+            "KV allocated: ours / baseline",
+            "exact-FLOPs ratio",
+            "bytes-read ratio",
+        ]
+        rows = []
+        for row in results["decode"]:
+            ours, base = row["ours"], row["baseline"]
+            cells = [
+                str(row["batch_size"]),
+                str(row["new_tokens"]),
+                _fmt(base["ms_per_token"]),
+                _fmt(ours["ms_per_token"]),
+                f"**{_fmt(row['ms_per_token_ratio'], 3)}**",
+                _fmt(base["tokens_per_s"], 1),
+                _fmt(ours["tokens_per_s"], 1),
+                f"{_fmt(ours['output_keep_rate'], 2)} ({_fmt(ours['output_keep_rate_row_range'][0], 2)}-"
+                + f"{_fmt(ours['output_keep_rate_row_range'][1], 2)})",
+                f"**{_fmt(row['kv_bytes_ratio'], 3)}** ({_bytes(ours['stored_kv_bytes'])} / "
+                + f"{_bytes(ours['dense_kv_bytes'])})",
+                f"{_bytes(ours['allocated_kv_bytes'])} / {_bytes(base['kv_bytes'])}",
+                _fmt(row["flops_per_token"]["ratio"], 3),
+                _fmt(row["bytes_read_per_token"]["ratio"], 3),
+            ]
+            if cuda:
+                cells.append(f"{_bytes(base['peak_memory_bytes'])} / {_bytes(ours['peak_memory_bytes'])}")
+            rows.append(cells)
+        target = results["settings"]["output_keep_rate"]
+        lines += ["### Decoding with a KV cache (greedy, exactly N new tokens)", ""]
+        lines += _table(header + (["peak memory baseline / ours"] if cuda else []), rows)
+        note = (
+            "ms/token: median decoding step (the JSON also has whole-run means); tok/s: batch / median step. Output "
+            "keep rate: share of generated tokens the output-text predictor kept, overall (lowest-highest row); its "
+            f"bias was calibrated to {target} by an untimed run on the same inputs. KV stored / dense: "
+            "`sparsity_report()` after the run (the baseline's DynamicCache holds the dense amount). KV allocated: "
+            "the cache tensors' size (ours: preallocated buffers, rows padded to the longest one, growth headroom "
+            "included). Exact-FLOPs and bytes-read ratios: analytic, per decoding step (bytes read = weights + stored "
+            "K/V), at the realised keep rate."
+        )
+        lines += ["", note, ""]
+
+    analytic = [("prefill", results["prefill_flops"])]
+    for row in results.get("no_cache_decode_flops", []):
+        name = f"decoding without cache, {row['new_tokens']} tokens (output keep {row['output_keep_rate']:.2f})"
+        analytic.append((name, row))
+    rows = [
+        [
+            name,
+            f"{_flops(row['paper']['baseline'])} -> {_flops(row['paper']['ours'])}",
+            _fmt(row["paper"]["ratio"], 3),
+            f"{_flops(row['exact']['baseline'])} -> {_flops(row['exact']['ours'])}",
+            _fmt(row["exact"]["ratio"], 3),
+        ]
+        for name, row in analytic
+    ]
+    lines += [f"### Analytic FLOPs per sample (vision keep rate {keep})", ""]
+    lines += _table(
+        ["phase", "paper convention: baseline -> ours", "ratio", "exact matmuls: baseline -> ours", "ratio"], rows
+    )
+    note = (
+        "Paper convention: 32·N·C² + 4·N²·C per layer over the N image tokens (plus the generated ones when "
+        "decoding), C the hidden size. Exact: every matrix product of the implementation (vision tower, projector, "
+        "predictors, decoder at its real MLP width, attention, LM head)."
+    )
+    lines += ["", note, ""]
+
+    if results.get("keep_rate_sweep"):
+        sweep = results["keep_rate_sweep"]
+        header = ["vision keep rate", "kept image tokens", "baseline ms", "Dynamic-LLaVA ms", "measured ratio"]
+        header += ["exact-FLOPs ratio", "paper-FLOPs ratio"]
+        rows = [
+            [
+                f"{row['vision_keep_rate']:.1f}",
+                str(row["flops"]["kept_image_tokens"]),
+                _fmt(row["baseline_ms"], 1),
+                _fmt(row["ours_ms"], 1),
+                _fmt(row["ratio"], 3),
+                _fmt(row["flops"]["exact"]["ratio"], 3),
+                _fmt(row["flops"]["paper"]["ratio"], 3),
+            ]
+            for row in sweep
+        ]
+        lines += [f"### Prefill keep-rate sweep (batch {sweep[0]['batch_size']})", ""] + _table(header, rows) + [""]
+    return "\n".join(lines)
+
+
+def plot_keep_rate_sweep(results: dict, path: str) -> None:
+    """PNG of the prefill time ratio (ours / baseline) against the vision keep rate, with the analytic ratios."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("The plot needs matplotlib: pip install 'dynamic-llava-hf[bench]'") from error
+    sweep = results["keep_rate_sweep"]
+    rates = [row["vision_keep_rate"] for row in sweep]
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    axes.plot(rates, [row["ratio"] for row in sweep], "o-", label="measured time ratio")
+    axes.plot(rates, [row["flops"]["exact"]["ratio"] for row in sweep], "s--", label="exact matmul FLOPs ratio")
+    axes.plot(rates, [row["flops"]["paper"]["ratio"] for row in sweep], "^:", label="paper-convention FLOPs ratio")
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.set_xlabel("vision keep rate (image tokens kept from layer sparse_layer on)")
+    axes.set_ylabel("Dynamic-LLaVA / Llava")
+    device = results.get("environment", {}).get("device", "")
+    axes.set_title(f"Prefill, {results['preset']}, batch {sweep[0]['batch_size']}\n{device}", fontsize=10)
+    axes.set_ylim(bottom=0)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_outputs(results: dict, json_path: str, plot_path: str | None, force: bool = False) -> list[str]:
+    """Writes the JSON (and the PNG when there is a sweep); refuses to overwrite existing files unless `force`."""
+    targets = [json_path] + ([plot_path] if plot_path and results.get("keep_rate_sweep") else [])
+    existing = [path for path in targets if os.path.exists(path)]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
+    for path in targets:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if len(targets) > 1:
+        plot_keep_rate_sweep(results, plot_path)
+    with open(json_path, "w") as handle:
+        json.dump(results, handle, indent=2)
+    return targets
+
+
+__all__ = [
+    "PRESETS",
+    "BenchPreset",
+    "BenchSettings",
+    "analytic_results",
+    "baseline_llava",
+    "build_models",
+    "calibrate_output_text_predictor",
+    "markdown_report",
+    "plot_keep_rate_sweep",
+    "run_benchmark",
+    "write_outputs",
+]

@@ -1,0 +1,158 @@
+"""`dynamic-llava bench` on the tiny preset: what it measures and writes (fields, tables, plot), not how fast it is."""
+
+import json
+
+import pytest
+import torch
+
+from dynamic_llava_hf.benchmark import (
+    PRESETS,
+    BenchSettings,
+    build_models,
+    calibrate_output_text_predictor,
+    make_inputs,
+)
+from dynamic_llava_hf.cli import main
+
+BENCH_ARGS = [
+    "bench",
+    "--preset",
+    "tiny",
+    "--device",
+    "cpu",
+    "--prefill-batch-sizes",
+    "1",
+    "2",
+    "--decode-batch-sizes",
+    "1",
+    "3",
+    "--new-tokens",
+    "6",
+    "--repeats",
+    "2",
+    "--warmup",
+    "0",
+    "--sweep-keep-rates",
+    "0.2",
+    "0.6",
+    "1.0",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    json_path, plot_path = folder / "tiny.json", folder / "tiny.png"
+    return json_path, plot_path, [*BENCH_ARGS, "--output", str(json_path), "--plot", str(plot_path)]
+
+
+def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
+    json_path, plot_path, args = bench_run
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    results = json.loads(json_path.read_text())
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert results["preset"] == "tiny"
+    env = results["environment"]
+    assert env["device_type"] == "cpu" and env["gpu_figures_measured"] is False
+    assert set(results["load_average"]) == {"start", "after_prefill", "after_decode", "end"}
+    image_tokens, kept = 36, int(36 * 0.2)
+
+    assert [row["batch_size"] for row in results["prefill"]] == [1, 2]
+    for row in results["prefill"]:
+        assert len(row["ours_ms_samples"]) == len(row["baseline_ms_samples"]) == 2
+        assert row["ratio"] == pytest.approx(row["ours_ms"] / row["baseline_ms"])
+        assert row["peak_memory_bytes"] == {"ours": None, "baseline": None}  # not measured on CPU
+        flops = row["flops"]
+        assert (flops["image_tokens"], flops["kept_image_tokens"]) == (image_tokens, kept)
+        for convention in ("exact", "paper"):
+            assert 0 < flops[convention]["ratio"] < 1
+            assert flops[convention]["ours"] < flops[convention]["baseline"]
+
+    assert [(row["batch_size"], row["new_tokens"]) for row in results["decode"]] == [(1, 6), (3, 6)]
+    for row in results["decode"]:
+        ours, base = row["ours"], row["baseline"]
+        for side in (ours, base):
+            assert side["ms_per_token"] > 0 and side["tokens_per_s"] > 0
+        low, high = ours["output_keep_rate_row_range"]
+        assert 0.0 <= low <= ours["output_keep_rate"] <= high <= 1.0
+        assert row["calibration"]["target_keep_rate"] == 0.5
+        assert row["calibration"]["calibration_tokens"] == row["batch_size"] * 5  # 6 tokens: 5 decoding steps
+        assert ours["image_tokens_kept"] == kept
+        assert ours["stored_kv_bytes"] < ours["dense_kv_bytes"]
+        assert row["kv_bytes_ratio"] == pytest.approx(ours["stored_kv_bytes"] / ours["dense_kv_bytes"])
+        # The baseline's DynamicCache holds exactly the dense amount our report compares against.
+        assert base["kv_bytes"] == ours["dense_kv_bytes"]
+        assert ours["allocated_kv_bytes"] >= ours["stored_kv_bytes"]
+        assert 0 < row["flops_per_token"]["ratio"] <= 1 and 0 < row["bytes_read_per_token"]["ratio"] <= 1
+
+    assert [row["new_tokens"] for row in results["no_cache_decode_flops"]] == [6]
+    assert 0 < results["no_cache_decode_flops"][0]["paper"]["ratio"] < 1
+    sweep = results["keep_rate_sweep"]
+    assert [row["vision_keep_rate"] for row in sweep] == [0.2, 0.6, 1.0]
+    assert [row["flops"]["kept_image_tokens"] for row in sweep] == [7, 21, 36]
+    assert sweep[-1]["flops"]["paper"]["ratio"] == 1.0
+    exact = [row["flops"]["exact"]["ratio"] for row in sweep]
+    assert exact == sorted(exact)
+
+    # The Markdown tables: one row per measured point.
+    for title, rows in (
+        ("### Prefill", 2),
+        ("### Decoding", 2),
+        ("### Analytic FLOPs", 2),
+        ("### Prefill keep-rate", 3),
+    ):
+        section = out.split(title, 1)[1].split("###", 1)[0]
+        table = [line for line in section.splitlines() if line.startswith("| ")]
+        assert len(table) == 1 + rows, section
+    assert "No GPU figures" in out
+
+
+def test_bench_refuses_to_overwrite(bench_run, capsys):
+    json_path, _, args = bench_run
+    json_path.write_text("{}")
+    assert main(args) == 1
+    assert "--force" in capsys.readouterr().err
+    assert json_path.read_text() == "{}"
+
+
+def test_bench_analytic_only_covers_the_real_shapes(tmp_path, capsys):
+    path = tmp_path / "7b.json"
+    assert (
+        main(["bench", "--preset", "llava-1.5-7b", "--analytic-only", "--new-tokens", "256", "--output", str(path)])
+        == 0
+    )
+    results = json.loads(path.read_text())
+    prefill = results["prefill_flops"]
+    assert prefill["kept_image_tokens"] == 115
+    assert prefill["paper"]["baseline"] == pytest.approx(10.1e12, rel=0.02)
+    assert prefill["paper"]["ours"] == pytest.approx(2.5e12, rel=0.02)
+    assert "| prefill |" in capsys.readouterr().out
+
+
+def test_bad_settings_are_rejected(capsys):
+    with pytest.raises(ValueError, match="Unknown preset"):
+        BenchSettings(preset="llava-70b").validate()
+    with pytest.raises(ValueError, match="new_tokens must be >= 2"):
+        BenchSettings(new_tokens=(1,)).validate()
+    assert main(["bench", "--preset", "tiny", "--sweep-keep-rates", "0", "--analytic-only"]) == 1
+    assert "keep rates must lie in (0, 1]" in capsys.readouterr().err
+
+
+def test_baseline_shares_the_weights_and_matches_with_sparsity_off():
+    preset = PRESETS["tiny"]
+    model, baseline = build_models(preset, torch.device("cpu"), torch.float32)
+    assert baseline.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    inputs = make_inputs(preset, model.config, 2, model.device, model.dtype, seed=0)
+    with torch.no_grad():
+        expected = baseline(**inputs).logits
+        torch.testing.assert_close(model(**inputs, sparsity=False).logits, expected)
+
+        calibration = calibrate_output_text_predictor(model, inputs, target_keep_rate=0.5, new_tokens=12)
+    assert calibration["calibration_tokens"] == 2 * 11  # one decision per decoding step and row
+    # The initial bias is 0, so the keep logit's bias is now the shift itself.
+    assert model.model.output_text_score_predictor.output_mlp[-1].bias[0].item() == pytest.approx(
+        calibration["keep_logit_shift"]
+    )

@@ -1,0 +1,424 @@
+"""`dynamic-llava convert`: official and llava-hf sources, remote-code loading, processor files, safety rules."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import tiny_text_config, tiny_vision_config
+from tiny_processor import tiny_tokenizer
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from dynamic_llava_hf import (
+    VICUNA_V1_CHAT_TEMPLATE,
+    CheckpointError,
+    add_llava_special_tokens,
+    convert_llava_hf_checkpoint,
+    convert_original_checkpoint,
+)
+from dynamic_llava_hf.cli import main
+from dynamic_llava_hf.convert_dynamic_llava import model_card_template, verify_saved_weights
+from dynamic_llava_hf.demo import REFERENCE_SCENARIOS
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Predictors sized for the tiny llava-hf model (the defaults are the 7B ones).
+TINY_PREDICTORS = {"predictor_d_model": 16, "predictor_num_heads": 2, "predictor_ffn_dim": 32}
+
+
+def read_text(path) -> str:
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def read_json(path) -> dict:
+    return json.loads(read_text(path))
+
+
+def leftovers(folder) -> list[str]:
+    """Temporary folders a conversion may have left next to its destination."""
+    return [name for name in os.listdir(folder) if ".converting-" in name or ".replaced-" in name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Official checkpoint -> remote code -> the official implementation's outputs
+
+# Runs where `dynamic_llava_hf` is never imported, so the Auto classes can only use the remote code in the folders.
+REMOTE_CODE_CHECK = r"""
+import json, sys
+import torch
+from transformers import AutoModelForImageTextToText
+
+torch.set_num_threads(1)  # tiny matrices: extra threads only contend with the other test processes
+folders, reference_path, scenarios = json.loads(sys.argv[1])
+reference = torch.load(reference_path, weights_only=True)
+models = {
+    key: AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True) for key, path in folders.items()
+}
+results = {"modules": {key: type(model).__module__ for key, model in models.items()}, "rows": []}
+for scenario, (sparsity, instruct) in scenarios.items():
+    model = models["instruct" if instruct else "default"]
+    config = model.config
+    for sample in reference["samples"]:
+        ids = sample["input_ids"][0]
+        position = (ids == -200).nonzero().item()
+        image = torch.full((config.image_seq_length,), config.image_token_id)
+        input_ids = torch.cat([ids[:position], image, ids[position + 1 :]])[None]
+        expected = sample["results"][scenario]["generate_cache"]
+        out = model.generate(
+            input_ids=input_ids, pixel_values=sample["pixel_values"], sparsity=sparsity,
+            max_new_tokens=len(expected["new_tokens"]), do_sample=False, eos_token_id=None, pad_token_id=0,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        logits = torch.stack(out.logits)[:, 0, : expected["step_logits"].shape[-1]]
+        results["rows"].append({
+            "scenario": scenario,
+            "tokens_match": torch.equal(out.sequences[0, input_ids.shape[1] :], expected["new_tokens"]),
+            "kv_lengths_match": out.past_key_values.stored_lengths()[:, 0].tolist() == expected["kv_len_per_layer"],
+            "max_logit_diff": float((logits - expected["step_logits"]).abs().max()),
+        })
+results["package_imported"] = "dynamic_llava_hf" in sys.modules
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def converted_reference(reference_dir, tmp_path_factory):
+    """The reference checkpoint converted with the CLI, as is and with the instruct predictor built."""
+    root = tmp_path_factory.mktemp("converted_reference")
+    checkpoint = os.path.join(reference_dir, "checkpoint")
+    folders = {"default": str(root / "default"), "instruct": str(root / "instruct")}
+    assert main(["convert", "original", checkpoint, folders["default"], "--no-progress"]) == 0
+    assert (
+        main(["convert", "original", checkpoint, folders["instruct"], "--use-instruct-predictor", "--no-progress"])
+        == 0
+    )
+    return folders
+
+
+def test_cli_conversion_reproduces_the_reference_through_remote_code(converted_reference, reference_dir, tmp_path):
+    scenarios = {
+        name: (sparsity, bool(overrides.get("use_instruct_predictor")))
+        for name, (sparsity, overrides) in REFERENCE_SCENARIOS.items()
+    }
+    argument = json.dumps([converted_reference, os.path.join(reference_dir, "reference.pt"), scenarios])
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_CHECK, argument],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not results["package_imported"]
+    assert all(module.startswith("transformers_modules") for module in results["modules"].values()), results
+    assert len(results["rows"]) == 16
+    for row in results["rows"]:
+        assert row["tokens_match"] and row["kv_lengths_match"], row
+        assert row["max_logit_diff"] <= 1e-4, row
+
+
+def test_converted_reference_folder(converted_reference):
+    folder = converted_reference["default"]
+    assert {"config.json", "generation_config.json", "model.safetensors", "README.md"} <= set(os.listdir(folder))
+    assert {"configuration_dynamic_llava.py", "modeling_dynamic_llava.py", "cache_dynamic_llava.py"} <= set(
+        os.listdir(folder)
+    )
+    config = read_json(os.path.join(folder, "config.json"))
+    assert config["model_type"] == "dynamic_llava" and config["image_token_index"] == 512
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
+    generation = read_json(os.path.join(folder, "generation_config.json"))
+    assert generation["suppress_tokens"] == [512] and generation["eos_token_id"] == 2
+    assert not leftovers(os.path.dirname(folder))
+
+    card = read_text(os.path.join(folder, "README.md"))
+    assert "{{" not in card and "}}" not in card
+    front_matter = card.split("---\n")[1]
+    for line in ("library_name: transformers", "pipeline_tag: image-text-to-text", "license: other", "- custom_code"):
+        assert line in front_matter
+    assert "dynamic-llava convert original" in card and "| `vision_keep_rate` | 0.2 | 5 of 25" in card
+    assert "no processor files" in card  # the reference has no tokenizer
+
+
+def test_model_card_template_ships_with_the_package():
+    """The converter reads the template from the package (works from a wheel); it must equal the repository's."""
+    with open(os.path.join(REPO_ROOT, "MODEL_CARD.md"), encoding="utf-8") as handle:
+        assert model_card_template() == handle.read()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Official checkpoint with a tokenizer: <image>/<pad> added like llava-hf, processor files written
+
+
+@pytest.fixture(scope="module")
+def original_with_tokenizer(reference_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("original_with_tokenizer")
+    source = root / "source"
+    shutil.copytree(os.path.join(reference_dir, "checkpoint"), source)
+    os.chmod(source, 0o755)
+    tiny_tokenizer(vocab_size=512).save_pretrained(source)
+    result = convert_original_checkpoint(str(source), str(root / "converted"), progress=False, base_model="org/base")
+    return source, result
+
+
+def test_tokenizer_source_gets_llava_hf_tokens_and_a_processor(original_with_tokenizer, reference_dir):
+    source, result = original_with_tokenizer
+    assert result.processor_written and result.special_tokens.added_tokens == ("<image>", "<pad>")
+    assert (result.special_tokens.image_token_id, result.special_tokens.pad_token_id) == (512, 513)
+
+    model = AutoModelForImageTextToText.from_pretrained(result.dst)
+    config = model.config
+    assert (config.image_token_id, config.text_config.vocab_size, config.text_config.pad_token_id) == (512, 576, 513)
+    original = load_file(os.path.join(source, "model.safetensors"))
+    embeddings = model.get_input_embeddings().weight
+    assert torch.equal(embeddings[:512], original["model.embed_tokens.weight"])
+    assert torch.equal(model.lm_head.weight[:512], original["lm_head.weight"])
+    assert set(model.generation_config.suppress_tokens) == set(range(512, 576))
+    assert model.generation_config.pad_token_id == 513
+
+    processor = AutoProcessor.from_pretrained(result.dst)
+    assert isinstance(processor, LlavaProcessor) and processor.chat_template == VICUNA_V1_CHAT_TEMPLATE
+    assert processor.tokenizer.padding_side == "left" and processor.image_processor.do_pad
+
+    # The processor's prompt for the reference's first sample generates what the official code generated.
+    sample = torch.load(os.path.join(reference_dir, "reference.pt"), weights_only=True)["samples"][0]
+    ids = sample["input_ids"][0]
+    words = ["<image>" if token == -200 else processor.tokenizer.convert_ids_to_tokens(int(token)) for token in ids]
+    assert words[0] == "<s>"
+    inputs = processor(text=" ".join(words[1:]), images=[torch.zeros(3, 70, 70)], return_tensors="pt")
+    assert (inputs["input_ids"] == 512).sum() == 25
+    expected = sample["results"]["sparse_on"]["generate_cache"]["new_tokens"]
+    out = model.generate(
+        input_ids=inputs["input_ids"],
+        pixel_values=sample["pixel_values"],
+        max_new_tokens=len(expected),
+        do_sample=False,
+        eos_token_id=None,
+    )
+    assert torch.equal(out[0, inputs["input_ids"].shape[1] :], expected)
+
+
+def test_model_card_code_runs_as_written(original_with_tokenizer, capsys):
+    _, result = original_with_tokenizer
+    card = read_text(os.path.join(result.dst, "README.md"))
+    assert "base_model: org/base" in card and "no processor files" not in card
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.DOTALL)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "MODEL_CARD.md", "exec"), {})  # noqa: S102 - the card's own example code
+    printed = capsys.readouterr().out
+    assert "image_tokens_kept" in printed  # the sparsity report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# llava-hf checkpoints (legacy and current key layouts)
+
+LLAVA_IMAGE_TOKEN = 64  # the tiny tokenizer's <image> after add_llava_special_tokens
+
+
+def legacy_key(key: str) -> str:
+    """transformers < 4.52 names (llava-hf/llava-1.5-7b-hf): `language_model.model.*`, `vision_tower.vision_model.*`"""
+    for current, legacy in (
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    ):
+        if key.startswith(current):
+            return legacy + key[len(current) :]
+    raise AssertionError(key)
+
+
+@pytest.fixture(scope="module")
+def llava_hf_sources(tmp_path_factory):
+    """A tiny transformers Llava with random weights and a tokenizer, saved in both key layouts."""
+    root = tmp_path_factory.mktemp("llava_hf")
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        text_config=LlamaConfig(**tiny_text_config(vocab_size=128, pad_token_id=LLAVA_IMAGE_TOKEN + 1)),
+        vision_config=CLIPVisionConfig(**tiny_vision_config()),
+        image_token_index=LLAVA_IMAGE_TOKEN,
+        image_seq_length=9,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    tokenizer = tiny_tokenizer()
+    assert add_llava_special_tokens(tokenizer).image_token_id == LLAVA_IMAGE_TOKEN
+    current, legacy = root / "current", root / "legacy"
+    model.save_pretrained(current, save_original_format=False)
+    tokenizer.save_pretrained(current)
+    shutil.copytree(current, legacy)
+    os.remove(legacy / "model.safetensors")
+    state_dict = {legacy_key(key): tensor.contiguous() for key, tensor in model.state_dict().items()}
+    save_file(state_dict, legacy / "model.safetensors", metadata={"format": "pt"})
+    return model, {"current": str(current), "legacy": str(legacy)}
+
+
+def llava_inputs():
+    """Two left-padded rows with one image each (9 image tokens), for comparing logits."""
+    generator = torch.Generator().manual_seed(1)
+    rows = [[1, 7, 8] + [LLAVA_IMAGE_TOKEN] * 9 + [9, 10, 11], [1] + [LLAVA_IMAGE_TOKEN] * 9 + [12]]
+    length = max(map(len, rows))
+    input_ids = torch.full((2, length), LLAVA_IMAGE_TOKEN + 1)
+    attention_mask = torch.zeros(2, length, dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, length - len(row) :] = torch.tensor(row)
+        attention_mask[index, length - len(row) :] = 1
+    return input_ids, attention_mask, torch.randn(2, 3, 42, 42, generator=generator)
+
+
+@pytest.mark.parametrize("layout", ["current", "legacy"])
+def test_llava_hf_checkpoint_converts_with_only_predictors_new(llava_hf_sources, layout, tmp_path):
+    source_model, sources = llava_hf_sources
+    dst = tmp_path / "converted"
+    result = convert_llava_hf_checkpoint(sources[layout], str(dst), progress=False, **TINY_PREDICTORS)
+    assert result.new_keys and all(
+        key.startswith(("model.image_score_predictor.", "model.output_text_score_predictor."))
+        for key in result.new_keys
+    )
+
+    model, info = AutoModelForImageTextToText.from_pretrained(dst, output_loading_info=True)
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    converted = model.state_dict()
+    source = source_model.state_dict()
+    assert set(converted) - set(source) == set(result.new_keys)
+    assert all(torch.equal(converted[key], tensor) for key, tensor in source.items())
+
+    input_ids, attention_mask, pixel_values = llava_inputs()
+    with torch.no_grad():
+        expected = source_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+        dense = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, sparsity=False)
+        sparse = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    valid = attention_mask.bool()
+    assert (dense.logits[valid] - expected[valid]).abs().max() <= 1e-5
+    # The fresh predictors prune: floor(9 * vision_keep_rate) image tokens kept per image.
+    kept = int(9 * model.config.vision_keep_rate)
+    assert [len(indices) for indices in sparse.kept_image_token_indices] == [kept, kept]
+
+    processor = AutoProcessor.from_pretrained(dst)
+    assert isinstance(processor, LlavaProcessor) and processor.chat_template == VICUNA_V1_CHAT_TEMPLATE
+    assert processor.image_processor.do_pad and processor.image_processor.crop_size["height"] == 42
+
+
+def test_llava_hf_sparse_settings_come_from_the_command_line(llava_hf_sources, tmp_path):
+    _, sources = llava_hf_sources
+    dst = tmp_path / "converted"
+    argv = ["convert", "llava-hf", sources["current"], str(dst), "--no-progress", "--vision-keep-rate", "0.5"]
+    argv += ["--no-use-output-text-predictor", "--predictor-d-model", "16", "--predictor-num-heads", "2"]
+    argv += ["--predictor-ffn-dim", "32", "--dtype", "bfloat16", "--processor", "source"]
+    assert main(argv) == 0
+    config = read_json(dst / "config.json")
+    assert config["vision_keep_rate"] == 0.5 and not config["use_output_text_predictor"]
+    assert config["dtype"] == "bfloat16"
+    assert all(tensor.dtype == torch.bfloat16 for tensor in load_file(dst / "model.safetensors").values())
+    assert not any(key.startswith("model.output_text_score_predictor") for key in load_file(dst / "model.safetensors"))
+    # --processor source copies the source's processor as it is (here: the tokenizer only).
+    assert os.path.isfile(dst / "tokenizer.json") and not os.path.isfile(dst / "processor_config.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Safety: no overwrite without --force, atomic replacement, corrupted sources, pickles
+
+
+@pytest.fixture
+def reference_copy(reference_dir, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(os.path.join(reference_dir, "checkpoint"), source)
+    for folder in (source, source / "vision_tower"):
+        os.chmod(folder, 0o755)
+        for name in os.listdir(folder):
+            os.chmod(folder / name, 0o755 if os.path.isdir(folder / name) else 0o644)
+    return source
+
+
+def existing_destination(tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("do not touch")
+    return dst
+
+
+def test_existing_destination_needs_force(reference_copy, tmp_path, capsys):
+    dst = existing_destination(tmp_path)
+    assert main(["convert", "original", str(reference_copy), str(dst), "--no-progress"]) == 1
+    error = capsys.readouterr().err
+    assert str(dst) in error and "--force" in error
+    assert os.listdir(dst) == ["keep.txt"] and not leftovers(tmp_path)
+
+    assert main(["convert", "original", str(reference_copy), str(dst), "--no-progress", "--force"]) == 0
+    assert not os.path.exists(dst / "keep.txt") and os.path.isfile(dst / "model.safetensors")
+    assert not leftovers(tmp_path)
+
+
+def test_destination_inside_the_source_is_refused(reference_copy):
+    with pytest.raises(ValueError, match="outside the source"):
+        convert_original_checkpoint(str(reference_copy), str(reference_copy / "converted"), progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupted_source_fails_clearly_and_leaves_the_destination(reference_copy, tmp_path, damage):
+    weights = reference_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a safetensors file" * 4)
+    dst = existing_destination(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(str(weights))):
+        convert_original_checkpoint(str(reference_copy), str(dst), force=True, progress=False)
+    assert os.listdir(dst) == ["keep.txt"] and (dst / "keep.txt").read_text() == "do not touch"
+    assert not leftovers(tmp_path)
+
+
+def test_missing_shard_is_named(reference_copy, tmp_path):
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (reference_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        convert_original_checkpoint(str(reference_copy), str(tmp_path / "out"), progress=False)
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
+
+
+def test_pickle_source_is_refused_unless_allowed(llava_hf_sources, tmp_path):
+    source_model, sources = llava_hf_sources
+    source = tmp_path / "pickled"
+    shutil.copytree(sources["current"], source)
+    os.remove(source / "model.safetensors")
+    torch.save(source_model.state_dict(), source / "pytorch_model.bin")
+
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        convert_llava_hf_checkpoint(str(source), str(tmp_path / "out"), progress=False, **TINY_PREDICTORS)
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
+
+    with pytest.warns(UserWarning, match="UNPICKLING"):
+        result = convert_llava_hf_checkpoint(
+            str(source), str(tmp_path / "out"), allow_pickle=True, progress=False, **TINY_PREDICTORS
+        )
+    assert result.num_tensors == len(source_model.state_dict()) + len(result.new_keys)
+
+
+def test_verification_catches_a_differing_tensor(converted_reference):
+    model = AutoModelForImageTextToText.from_pretrained(converted_reference["default"])
+    verify_saved_weights(model, converted_reference["default"])
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_1.bias[0] += 1
+    with pytest.raises(RuntimeError, match="multi_modal_projector.linear_1.bias differs"):
+        verify_saved_weights(model, converted_reference["default"])
+
+
+def test_wrong_source_kind_is_named(reference_dir, tmp_path, capsys):
+    checkpoint = os.path.join(reference_dir, "checkpoint")
+    assert main(["convert", "llava-hf", checkpoint, str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "model_type 'dynamic_llava_llama'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
