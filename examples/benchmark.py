@@ -2,7 +2,7 @@
 
 A thin wrapper around `dynamic-llava bench` (`dynamic_llava_hf.benchmark`); every option of the command works here.
 
-    # the README's CPU table (2-core CPU, about 25 minutes)
+    # the README's CPU table (31 minutes on the 2-core CPU)
     python examples/benchmark.py --preset cpu-7b-topology --output bench-cpu-7b-topology.json \
         --plot bench-cpu-7b-topology.png
 

@@ -768,8 +768,12 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
     flops_base = total_flops(cached_decode_flops(base_shape, prompt, tokens, batch_size=batch))
     value_bytes = torch.finfo(dtype).bits // 8
     steps = tokens - 1
-    # Each decoding step reads the decoder and LM-head weights once, plus every stored K/V entry.
-    step_weights = parameter_bytes(model.model.language_model) + parameter_bytes(model.lm_head)
+    # Each decoding step reads the decoder layers' and the LM head's weights once (of the embeddings only one row per
+    # token), plus every stored K/V entry.
+    language_model = model.model.language_model
+    step_weights = (
+        parameter_bytes(language_model) - parameter_bytes(language_model.embed_tokens) + parameter_bytes(model.lm_head)
+    )
     read_ours = steps * (step_weights + parameter_bytes(model.model.output_text_score_predictor))
     read_ours += cached_decode_kv_read_bytes(shape, prompt, tokens, value_bytes, kept_prompt, rate, batch)
     read_base = steps * step_weights + cached_decode_kv_read_bytes(

@@ -284,6 +284,8 @@ def cached_decode_flops(
     `sparse_layer` on. With `output_keep_rate` the output-text predictor runs on each new token and that share of
     the generated tokens enters the cache of the later layers (None: the dense baseline keeps every token).
     """
+    if output_keep_rate is not None:
+        _require_text_predictor(shape)
     kept_prompt = prompt_tokens if kept_prompt_tokens is None else kept_prompt_tokens
     rate = 1.0 if output_keep_rate is None else output_keep_rate
     parts = []
