@@ -198,6 +198,14 @@ def image_normalisation(folder: str) -> tuple[list[float] | None, list[float] | 
     return None, None
 
 
+def llava_processor(tokenizer, vision_config, normalisation_folder: str):
+    """LLaVA-1.5 processor for a vision tower's image size and patch, with the mean/std found in
+    `normalisation_folder` (CLIP's otherwise)."""
+    mean, std = image_normalisation(normalisation_folder)
+    image_processor = build_image_processor(vision_config.image_size, mean, std)
+    return build_processor(tokenizer, image_processor, vision_config.image_size, vision_config.patch_size)
+
+
 def resolve_dtype(dtype: "str | torch.dtype | None") -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -776,13 +784,7 @@ def convert_original_checkpoint(
 
     processor = None
     if tokenizer is not None:
-        mean, std = image_normalisation(vision_folder)
-        processor = build_processor(
-            tokenizer,
-            build_image_processor(config.vision_config.image_size, mean, std),
-            config.vision_config.image_size,
-            config.vision_config.patch_size,
-        )
+        processor = llava_processor(tokenizer, config.vision_config, vision_folder)
     options = {"vision_tower": vision_tower, "dtype": _dtype_name(dtype), "force": force or None}
     options.update(allow_pickle=allow_pickle or None, **config_overrides)
     card = model_card_values(
@@ -851,13 +853,7 @@ def convert_llava_hf_checkpoint(
                     f"The tokenizer has {len(tokenizer)} tokens, more than the {config.text_config.vocab_size} rows "
                     "of the embeddings"
                 )
-            mean, std = image_normalisation(src)
-            source_processor = build_processor(
-                tokenizer,
-                build_image_processor(config.vision_config.image_size, mean, std),
-                config.vision_config.image_size,
-                config.vision_config.patch_size,
-            )
+            source_processor = llava_processor(tokenizer, config.vision_config, src)
     options = {"dtype": _dtype_name(dtype), "force": force or None, "allow_pickle": allow_pickle or None}
     options.update(processor=None if processor == "llava-1.5" else processor, **config_overrides)
     card = model_card_values(
