@@ -19,6 +19,13 @@ class DynamicLlavaConfig(LlavaConfig):
             Build the image predictor and prune image tokens at prefill.
         vision_keep_rate (`float`, *optional*, defaults to 0.2):
             Share of each image's tokens kept at prefill: `floor(num_image_tokens * vision_keep_rate)` (115 of 576).
+        vision_selector (`str`, *optional*, defaults to `"learned"`):
+            How the kept image tokens are chosen at inference: `"learned"` (top-k of the image predictor, the method),
+            `"random"` (seeded uniform random subset) or `"fastv"` (training-free: top-k by the attention the image
+            tokens receive at `sparse_layer`, FastV-style). `"random"` and `"fastv"` need no image predictor; they are
+            baselines to compare the learned predictor against.
+        vision_selector_seed (`int`, *optional*, defaults to 0):
+            Seed of the `"random"` selector.
         use_output_text_predictor (`bool`, *optional*, defaults to `True`):
             Build the output-text predictor and gate the KV cache of generated tokens (keep iff logit_keep >
             logit_drop) in layers `>= sparse_layer`.
@@ -49,6 +56,8 @@ class DynamicLlavaConfig(LlavaConfig):
     sparse_layer: int = 2
     use_vision_predictor: bool = True
     vision_keep_rate: float = 0.2
+    vision_selector: str = "learned"
+    vision_selector_seed: int = 0
     use_output_text_predictor: bool = True
     output_text_keep_rate: float = 0.5
     output_text_len_for_training: int = 50
@@ -77,10 +86,10 @@ class DynamicLlavaConfig(LlavaConfig):
             )
         for name in ("vision_keep_rate", "output_text_keep_rate", "instruct_keep_rate"):
             check_keep_rate(name, getattr(self, name))
+        check_vision_selector(self.vision_selector)
+        check_non_negative_int("vision_selector_seed", self.vision_selector_seed)
         for name in ("output_text_len_for_training", "instruct_len_for_training"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            check_non_negative_int(name, getattr(self, name))
         for name in ("predictor_d_model", "predictor_num_heads", "predictor_ffn_dim", "predictor_num_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -103,6 +112,21 @@ def check_keep_rate(name: str, value) -> None:
     """Keep rates are shares of tokens kept: a number in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+
+# How image tokens are chosen at inference; see `vision_selector` above.
+VISION_SELECTORS = ("learned", "random", "fastv")
+
+
+def check_vision_selector(value) -> None:
+    if not isinstance(value, str) or value not in VISION_SELECTORS:
+        raise ValueError(f"vision_selector must be one of {list(VISION_SELECTORS)}, got {value!r}")
+
+
+def check_non_negative_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
 __all__ = ["DynamicLlavaConfig"]

@@ -1,9 +1,10 @@
 """Dynamic-LLaVA: LLaVA-1.5 with learned vision/text context sparsification (Huang et al., ICLR 2025).
 
 The model runs the text backbone's decoder layers in its own loop so that, at the input of `sparse_layer`, it can
-physically remove image tokens (top-k per image by the image predictor) and gate which generated tokens enter the KV
-cache of the later layers (output-text predictor). In training nothing is removed: the predictors sample hard
-Gumbel-softmax keep masks with straight-through gradients, applied as key masks in the layers `>= sparse_layer`.
+physically remove image tokens (top-k per image by the image predictor, or by a random or FastV-style baseline
+selector) and gate which generated tokens enter the KV cache of the later layers (output-text predictor). In training
+nothing is removed: the predictors sample hard Gumbel-softmax keep masks with straight-through gradients, applied as
+key masks in the layers `>= sparse_layer`.
 Everything else is transformers' Llava.
 """
 
@@ -18,6 +19,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaMultiModalProjector,
@@ -26,7 +28,12 @@ from transformers.models.llava.modeling_llava import (
 from transformers.utils import logging
 
 from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache
-from .configuration_dynamic_llava import DynamicLlavaConfig, check_keep_rate
+from .configuration_dynamic_llava import (
+    DynamicLlavaConfig,
+    check_keep_rate,
+    check_non_negative_int,
+    check_vision_selector,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -141,12 +148,18 @@ class DynamicLlavaTextPredictor(nn.Module):
 @dataclass(frozen=True)
 class SparsitySettings:
     """What a forward/generate call sparsifies. Pass `sparsity=` to `forward` or `generate` to override the config:
-    `False` switches everything off, a dict overrides single fields (e.g. `{"vision_keep_rate": 0.5}`)."""
+    `False` switches everything off, a dict overrides single fields (e.g. `{"vision_keep_rate": 0.5}`).
+
+    `vision_selector` picks how image tokens are kept when `use_vision_predictor` is on: `"learned"` (the image
+    predictor), `"random"` (seeded by `vision_selector_seed`) or `"fastv"` (attention received at `sparse_layer`); see
+    [`DynamicLlavaModel.image_token_scores`]. Only `"learned"` needs the image predictor."""
 
     use_vision_predictor: bool
     vision_keep_rate: float
     use_output_text_predictor: bool
     use_instruct_predictor: bool
+    vision_selector: str = "learned"
+    vision_selector_seed: int = 0
 
     @classmethod
     def from_config(cls, config) -> "SparsitySettings":
@@ -180,15 +193,19 @@ def resolve_sparsity(model: "DynamicLlavaModel", sparsity) -> SparsitySettings:
             f"sparsity must be None, True, False, a dict or a SparsitySettings, got {type(sparsity).__name__}"
         )
     check_keep_rate("vision_keep_rate", settings.vision_keep_rate)
+    check_vision_selector(settings.vision_selector)
+    check_non_negative_int("vision_selector_seed", settings.vision_selector_seed)
     for flag, module in (
         ("use_vision_predictor", "image_score_predictor"),
         ("use_output_text_predictor", "output_text_score_predictor"),
         ("use_instruct_predictor", "instruct_score_predictor"),
     ):
-        if getattr(settings, flag) and getattr(model, module) is None:
+        needed = getattr(settings, flag) and (flag != "use_vision_predictor" or settings.vision_selector == "learned")
+        if needed and getattr(model, module) is None:
+            hint = ' (or pick vision_selector="random" or "fastv")' if module == "image_score_predictor" else ""
             raise ValueError(
                 f"{flag}=True needs the {module}, which this model does not have: it was built with "
-                f"config.{flag}=False. Rebuild/convert the model with the predictor to use it."
+                f"config.{flag}=False. Rebuild/convert the model with the predictor to use it{hint}."
             )
     return settings
 
@@ -434,6 +451,50 @@ def keep_decision(logits: torch.Tensor) -> torch.Tensor:
     return logits[..., 0] > logits[..., 1]
 
 
+def image_token_coordinates(
+    image_mask: torch.Tensor, tokens_per_image: int
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Row and column of every image's tokens, images in row order then position order: two
+    `[num_images, tokens_per_image]` tensors."""
+    coordinates = image_mask.nonzero()
+    return coordinates[:, 0].view(-1, tokens_per_image), coordinates[:, 1].view(-1, tokens_per_image)
+
+
+def select_image_tokens(
+    scores: torch.Tensor, image_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, keep_rate: float
+) -> tuple[torch.Tensor, list[torch.LongTensor]]:
+    """Keeps the top-k tokens of each image by `scores` (`[num_images, tokens_per_image]`), k =
+    floor(tokens_per_image * keep_rate); shared by every vision selector.
+
+    Returns the `[batch, seq]` mask of dropped image tokens and, per row, the kept indices into the row's image
+    tokens (ascending).
+    """
+    num_images, tokens_per_image = scores.shape
+    kept = scores.topk(int(tokens_per_image * keep_rate), dim=-1).indices.sort(dim=-1).values  # [num_images, k]
+
+    keep_image_token = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, kept, True)
+    dropped = torch.zeros_like(image_mask)
+    dropped[rows, cols] = ~keep_image_token
+
+    # Indices into each row's image tokens: image j of a row starts at j * tokens_per_image.
+    images_per_row = (image_mask.sum(-1) // tokens_per_image).tolist()
+    first_image_of_row = torch.tensor([0] + images_per_row[:-1], device=kept.device).cumsum(0)
+    image_rank_in_row = torch.arange(num_images, device=kept.device) - first_image_of_row[rows[:, 0]]
+    row_indices = (kept + image_rank_in_row[:, None] * tokens_per_image).split(images_per_row)
+    return dropped, [indices.reshape(-1) for indices in row_indices]
+
+
+def instruction_queries(image_mask: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """`[batch, seq]`: the queries whose attention ranks a row's image tokens for `"fastv"`: the row's prompt tokens
+    after its last image, or its last prompt token if none follows; none in rows without an image."""
+    columns = torch.arange(prompt.shape[1], device=prompt.device)
+    last_image = torch.where(image_mask, columns, -1).amax(-1, keepdim=True)
+    has_image = last_image >= 0
+    after_image = prompt & (columns > last_image) & has_image
+    last_prompt_token = (columns == torch.where(prompt, columns, -1).amax(-1, keepdim=True)) & has_image
+    return torch.where(after_image.any(-1, keepdim=True), after_image, last_prompt_token)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 
@@ -587,8 +648,12 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         has_past: bool,
         num_generated_tokens: int,
         settings: SparsitySettings,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> SparseLayerPlan:
-        """Applies the predictors to the input of `sparse_layer` and decides what the later layers see and store."""
+        """Applies the predictors to the input of `sparse_layer` and decides what the later layers see and store.
+
+        `position_embeddings` are the RoPE cos/sin of the current tokens (read by the `"fastv"` image selector).
+        """
         num_new = valid.shape[1]
         device = valid.device
         removed = torch.zeros_like(valid)  # dropped from layers >= sparse_layer now (physically)
@@ -598,8 +663,19 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         prompt_end = num_new - num_generated_tokens  # without a cache the generated tokens trail the prompt
 
         if settings.use_vision_predictor and tokens_per_image is not None:
-            dropped_images, plan.kept_image_token_indices = self.select_image_tokens(
-                hidden_states, image_mask, tokens_per_image, settings.vision_keep_rate
+            rows, cols = image_token_coordinates(image_mask, tokens_per_image)
+            scores = self.image_token_scores(
+                settings,
+                hidden_states,
+                rows,
+                cols,
+                image_mask=image_mask,
+                prompt=valid & (columns < prompt_end),
+                valid=valid,
+                position_embeddings=position_embeddings,
+            )
+            dropped_images, plan.kept_image_token_indices = select_image_tokens(
+                scores, image_mask, rows, cols, settings.vision_keep_rate
             )
             removed |= dropped_images
 
@@ -640,33 +716,80 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
             plan.keep_computing = keep_computing
         return plan
 
-    def select_image_tokens(
-        self, hidden_states: torch.Tensor, image_mask: torch.Tensor, tokens_per_image: int, keep_rate: float
-    ) -> tuple[torch.Tensor, list[torch.LongTensor]]:
-        """Top-k image tokens per image by log-softmax keep score, k = floor(tokens_per_image * keep_rate).
+    def image_token_scores(
+        self,
+        settings: SparsitySettings,
+        hidden_states: torch.Tensor,
+        rows: torch.LongTensor,
+        cols: torch.LongTensor,
+        *,
+        image_mask: torch.Tensor,
+        prompt: torch.Tensor,
+        valid: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """`[num_images, tokens_per_image]` keep scores of each image's tokens (higher is kept first).
 
-        Returns the `[batch, seq]` mask of dropped image tokens and, per row, the kept indices into the row's image
-        tokens (ascending).
+        `hidden_states` is the input of `sparse_layer`; `rows`/`cols` locate each image's tokens (see
+        `image_token_coordinates`); `prompt` marks the valid prompt tokens (not padding, not generated outputs). By
+        `settings.vision_selector`:
+
+        - `"learned"`: the image predictor's log-softmax keep score (the method).
+        - `"random"`: uniform random scores from a CPU `torch.Generator` seeded with `vision_selector_seed`, one row
+          per image in batch order; the same seed keeps the same tokens of the same batch.
+        - `"fastv"`: training-free, FastV-style: the attention each image token receives in `sparse_layer`, recomputed
+          from that layer's queries and keys (see `attention_received`), so it works with any attention
+          implementation. FastV averages over heads and all queries; we average over heads and the row's text queries
+          that follow its last image (the instruction, which sees every image token), falling back to the row's last
+          prompt token. That avoids the causal bias towards early image tokens, which more queries can see. Only
+          prompt tokens query, so decoding without a cache keeps the same tokens as the cached prefill; with a cache,
+          the keys are the current forward's tokens (a later turn's new image is ranked without the past).
         """
-        # Every image's token coordinates, in row order then position order: [num_images, tokens_per_image].
-        coordinates = image_mask.nonzero()
-        rows = coordinates[:, 0].view(-1, tokens_per_image)
-        cols = coordinates[:, 1].view(-1, tokens_per_image)
-        logits = self.image_score_predictor(hidden_states[rows, cols])
-        scores = torch.log_softmax(logits.float(), dim=-1)[..., 0]
-        num_kept = int(tokens_per_image * keep_rate)
-        kept = scores.topk(num_kept, dim=-1).indices.sort(dim=-1).values  # [num_images, num_kept]
+        if settings.vision_selector == "learned":
+            logits = self.image_score_predictor(hidden_states[rows, cols])
+            return torch.log_softmax(logits.float(), dim=-1)[..., 0]
+        if settings.vision_selector == "random":
+            generator = torch.Generator().manual_seed(settings.vision_selector_seed)
+            return torch.rand(rows.shape, generator=generator).to(rows.device)
+        queries = instruction_queries(image_mask, prompt)
+        return self.attention_received(hidden_states, valid, queries, position_embeddings)[rows, cols]
 
-        keep_image_token = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, kept, True)
-        dropped = torch.zeros_like(image_mask)
-        dropped[rows, cols] = ~keep_image_token
+    def attention_received(
+        self,
+        hidden_states: torch.Tensor,
+        valid: torch.Tensor,
+        queries: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """`[batch, seq]`: attention each token receives in `sparse_layer` from its row's `queries` (`[batch, seq]`
+        bool), averaged over heads and those queries (0 in rows without queries).
 
-        # Indices into each row's image tokens: image j of a row starts at j * tokens_per_image.
-        images_per_row = (image_mask.sum(-1) // tokens_per_image).tolist()
-        first_image_of_row = torch.tensor([0] + images_per_row[:-1], device=kept.device).cumsum(0)
-        image_rank_in_row = torch.arange(rows.shape[0], device=kept.device) - first_image_of_row[rows[:, 0]]
-        row_indices = (kept + image_rank_in_row[:, None] * tokens_per_image).split(images_per_row)
-        return dropped, [indices.reshape(-1) for indices in row_indices]
+        Recomputed from the layer's own weights: `input_layernorm`, `q_proj`/`k_proj`, RoPE, kv heads repeated for
+        GQA, scaled dot products under the causal and padding masks, softmax over keys in float32. Memory:
+        `[batch, heads, max queries per row, seq]`.
+        """
+        layer = self.language_model.layers[self.config.sparse_layer]
+        attention = layer.self_attn
+        normed = layer.input_layernorm(hidden_states)
+        head_shape = (*normed.shape[:2], -1, attention.head_dim)
+        query = attention.q_proj(normed).view(head_shape).transpose(1, 2)
+        key = attention.k_proj(normed).view(head_shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        key = key.repeat_interleave(attention.num_key_value_groups, dim=1)
+
+        # Each row's queries, left-aligned: positions [batch, width] (slots past a row's count are unused).
+        num_queries = queries.sum(-1)
+        width = int(num_queries.max())
+        positions = torch.sort(~queries, dim=-1, stable=True).indices[:, :width]
+        used = torch.arange(width, device=queries.device)[None] < num_queries[:, None]
+        query = torch.gather(query, 2, positions[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1]))
+
+        logits = (query.float() @ key.float().transpose(-1, -2)) * attention.scaling  # [batch, heads, width, seq]
+        columns = torch.arange(valid.shape[1], device=valid.device)
+        allowed = ((columns <= positions[..., None]) & valid[:, None, :]) | (columns == positions[..., None])
+        weights = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+        weights = torch.where(used[:, None, :, None], weights, 0.0)
+        return weights.sum(dim=(1, 2)) / (num_queries * weights.shape[1]).clamp(min=1)[:, None]
 
     # -----------------------------------------------------------------------------------------------------------------
     # Training decisions at the sparse layer
@@ -706,9 +829,7 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         key_keep = torch.ones(valid.shape, dtype=torch.float32, device=valid.device)
 
         if settings.use_vision_predictor and tokens_per_image is not None:
-            coordinates = image_mask.nonzero()
-            rows = coordinates[:, 0].view(-1, tokens_per_image)
-            cols = coordinates[:, 1].view(-1, tokens_per_image)
+            rows, cols = image_token_coordinates(image_mask, tokens_per_image)
             masks.image = self.sample_keep_mask(self.image_score_predictor(hidden_states[rows, cols]), "image")
             key_keep = key_keep.index_put((rows.reshape(-1), cols.reshape(-1)), masks.image.reshape(-1))
 
@@ -757,7 +878,8 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         r"""
         sparsity (`SparsitySettings`, `dict` or `bool`, *optional*):
             Overrides the config's sparsification for this call: `False` switches it off (plain LLaVA), a dict
-            overrides fields of [`SparsitySettings`].
+            overrides fields of [`SparsitySettings`], e.g. `{"vision_selector": "fastv", "vision_keep_rate": 0.2}`
+            to compare the learned image predictor against a baseline selector.
         num_generated_tokens (`int`, *optional*, defaults to 0):
             Without a cache: the last `num_generated_tokens` input tokens are model outputs. Those the output-text
             predictor drops are removed from layers `>= sparse_layer` (the newest one is always computed), which makes
@@ -788,6 +910,12 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
             raise ValueError(
                 "A training forward (model.train() with sparsification on) samples keep masks instead of removing "
                 "tokens and cannot use a KV cache: pass use_cache=False, or call model.eval() for inference."
+            )
+        if sample_masks and settings.use_vision_predictor and settings.vision_selector != "learned":
+            raise ValueError(
+                f"vision_selector={settings.vision_selector!r} is an inference-time baseline: a training forward "
+                "(model.train() with sparsification on) samples the image predictor's Gumbel keep masks. Pass "
+                'sparsity={"vision_selector": "learned"} to train, or call model.eval() to run the baseline.'
             )
         if sample_masks and text_config._attn_implementation.startswith("flash_attention"):
             raise ValueError(
@@ -891,6 +1019,7 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
                 has_past=past_seen > 0,
                 num_generated_tokens=num_generated_tokens,
                 settings=settings,
+                position_embeddings=(cos, sin),
             )
         if cache is not None and tokens_per_image is not None:
             cache.record_tokens("image", (image_mask & valid).sum(-1), (image_mask & plan.persist).sum(-1))
