@@ -31,7 +31,7 @@ from dynamic_llava_hf import (
 )
 from dynamic_llava_hf.cli import main
 from dynamic_llava_hf.convert_dynamic_llava import model_card_template, verify_saved_weights
-from dynamic_llava_hf.demo import REFERENCE_SCENARIOS
+from dynamic_llava_hf.reference_check import REFERENCE_SCENARIOS
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dynamic_llava_hf.convert_dynamic_llava import load_original_checkpoint
-from dynamic_llava_hf.demo import REFERENCE_SCENARIOS as SCENARIOS
-from dynamic_llava_hf.demo import reference_input_ids
+from dynamic_llava_hf.reference_check import REFERENCE_SCENARIOS as SCENARIOS
+from dynamic_llava_hf.reference_check import reference_input_ids
 
 
 VOCAB = 512  # logits beyond are the appended image-token row

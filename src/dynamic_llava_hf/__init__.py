@@ -33,6 +33,8 @@ _LAZY_EXPORTS = {
     "add_llava_special_tokens": "processing",
     "build_image_processor": "processing",
     "build_processor": "processing",
+    "demo_model_path": "demo_model",
+    "make_samples": "synthetic",
 }
 
 
@@ -61,5 +63,7 @@ __all__ = [
     "build_processor",
     "convert_llava_hf_checkpoint",
     "convert_original_checkpoint",
+    "demo_model_path",
     "load_original_checkpoint",
+    "make_samples",
 ]

@@ -11,6 +11,7 @@ SPARSE_OPTIONS = (
     ("sparse_layer", int),
     ("use_vision_predictor", bool),
     ("vision_keep_rate", float),
+    ("vision_selector", str),  # "fastv" lets a freshly converted llava-hf checkpoint prune before any training
     ("use_output_text_predictor", bool),
     ("output_text_keep_rate", float),
     ("output_text_len_for_training", int),
@@ -176,13 +177,128 @@ def run_bench(args) -> int:
     return 0
 
 
+def add_demo_commands(commands) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="the shipped demo model answers questions about generated pictures, keeping 20%% of each picture",
+        description="Loads the demo model shipped with the package (a small Dynamic-LLaVA trained on a synthetic "
+        "task), asks questions about a few generated pictures in one batched generate() call, prints the answers "
+        "beside the truth and the sparsity report, and writes a PNG showing which image patches the model kept.",
+    )
+    demo.add_argument("--model", help="model folder (default: the shipped demo model)")
+    demo.add_argument("--num-images", type=int, default=3)
+    demo.add_argument("--seed", type=int, default=None, help="seed of the pictures (default: a fixed demo seed)")
+    demo.add_argument("--vision-keep-rate", type=float, help="override the model's vision keep rate")
+    demo.add_argument("--vision-selector", choices=("learned", "random", "fastv"), help="default: learned")
+    demo.add_argument("--output", default="dynamic-llava-demo.png", help="PNG of the kept patches")
+    demo.add_argument("--force", action="store_true", help="overwrite --output")
+
+    train = commands.add_parser(
+        "train-demo",
+        help="train the demo model from scratch on the synthetic task (stage 1 LLaVA, stage 2 Dynamic-LLaVA)",
+    )
+    train.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--stage1-steps", type=int, help="default: the shipped model's recipe")
+    train.add_argument("--stage2-steps", type=int, help="default: the shipped model's recipe")
+    train.add_argument("--batch-size", type=int, help="default: the shipped model's recipe")
+    train.add_argument("--tiny", action="store_true", help="a much smaller model (smoke tests)")
+    train.add_argument("--force", action="store_true", help="train into a non-empty --out")
+    train.add_argument("--no-progress", action="store_true")
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="held-out accuracy per selector and vision keep rate, description quality with output gating on/off",
+    )
+    evaluate.add_argument("--model", help="model folder (default: the shipped demo model)")
+    evaluate.add_argument("--out", default="eval", help="folder for eval.json, eval.md and the PNG plots")
+    evaluate.add_argument("--samples-per-kind", type=int, default=100)
+    evaluate.add_argument("--describe-samples", type=int, default=100)
+    evaluate.add_argument("--seed", type=int, help="seed of the held-out samples (default: never used in training)")
+    evaluate.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    evaluate.add_argument("--no-progress", action="store_true")
+
+
+def run_demo_command(args) -> int:
+    from .demo import DEMO_SEED, print_demo, run_demo, save_overlays
+
+    sparsity = {}
+    if args.vision_keep_rate is not None:
+        sparsity["vision_keep_rate"] = args.vision_keep_rate
+    if args.vision_selector is not None:
+        sparsity["vision_selector"] = args.vision_selector
+    try:
+        if os.path.exists(args.output) and not args.force:
+            raise FileExistsError(f"{args.output} already exists; pass --force to overwrite it or pick --output")
+        result = run_demo(args.model, args.num_images, DEMO_SEED if args.seed is None else args.seed, sparsity or None)
+        print_demo(result)
+        path = save_overlays(result, args.output, force=args.force)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"dynamic-llava demo: error: {error}", file=sys.stderr)
+        return 1
+    print(f"Wrote {path}: each picture, then the same picture with the dropped patches darkened")
+    return 0
+
+
+def run_train_demo(args) -> int:
+    import dataclasses
+
+    from .train_demo import STAGE1, STAGE2, train_demo
+
+    stage1, stage2 = STAGE1, STAGE2
+    if args.stage1_steps is not None:
+        stage1 = dataclasses.replace(stage1, steps=args.stage1_steps)
+    if args.stage2_steps is not None:
+        stage2 = dataclasses.replace(stage2, steps=args.stage2_steps)
+    if args.batch_size is not None:
+        stage1 = dataclasses.replace(stage1, batch_size=args.batch_size)
+        stage2 = dataclasses.replace(stage2, batch_size=args.batch_size)
+    try:
+        log = train_demo(
+            args.out,
+            seed=args.seed,
+            stage1=stage1,
+            stage2=stage2,
+            progress=not args.no_progress,
+            force=args.force,
+            tiny=args.tiny,
+        )
+    except (FileExistsError, ValueError) as error:
+        print(f"dynamic-llava train-demo: error: {error}", file=sys.stderr)
+        return 1
+    minutes = (log["stage1"]["wall_seconds"] + log["stage2"]["wall_seconds"]) / 60
+    print(f"Wrote {args.out} (trained in {minutes:.1f} min). Evaluate it with: dynamic-llava eval --model {args.out}")
+    return 0
+
+
+def run_eval_command(args) -> int:
+    from .evaluate import EVAL_SEED, EvalSettings, check_outputs_free, markdown_report, run_eval, write_outputs
+
+    settings = EvalSettings(
+        model=args.model,
+        seed=EVAL_SEED if args.seed is None else args.seed,
+        samples_per_kind=args.samples_per_kind,
+        describe_samples=args.describe_samples,
+        progress=not args.no_progress,
+    )
+    try:
+        if not args.force:
+            check_outputs_free(args.out)  # fail before a long run, not after it
+        results, overlay = run_eval(settings)
+        written = write_outputs(results, overlay, args.out, force=args.force)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"dynamic-llava eval: error: {error}", file=sys.stderr)
+        return 1
+    print(markdown_report(results))
+    print(f"Wrote {', '.join(written)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dynamic-llava", description="Dynamic-LLaVA for Hugging Face Transformers")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="batched generation with a tiny random model; prints the sparsity report")
-    demo.add_argument("--batch-size", type=int, default=3)
-    demo.add_argument("--max-new-tokens", type=int, default=32)
+    add_demo_commands(commands)
 
     check = commands.add_parser(
         "check-reference", help="compare against the official implementation's outputs on the tiny reference"
@@ -200,20 +316,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_convert(args)
     if args.command == "bench":
         return run_bench(args)
-    from . import demo as demos  # imported late: torch and transformers load slowly
-
     if args.command == "demo":
-        report = demos.run_demo(args.batch_size, args.max_new_tokens)
-        print("row  image kept/total  generated kept/total  stored KV / dense KV")
-        for row, entry in enumerate(report):
-            print(
-                f"{row:>3}  {entry['image_tokens_kept']:>5}/{entry['image_tokens_total']:<10} "
-                f"{entry['generated_tokens_kept']:>9}/{entry['generated_tokens_total']:<10} "
-                f"{entry['kv_bytes_ratio']:.3f}"
-            )
-        return 0
+        return run_demo_command(args)
+    if args.command == "train-demo":
+        return run_train_demo(args)
+    if args.command == "eval":
+        return run_eval_command(args)
+    from .reference_check import check_reference  # imported late: torch and transformers load slowly
 
-    results = demos.check_reference(args.reference_dir)
+    results = check_reference(args.reference_dir)
     ok = all(r["tokens_match"] and r["kv_lengths_match"] and r["max_logit_diff"] <= 1e-4 for r in results)
     if args.json:
         print(json.dumps(results, indent=2))

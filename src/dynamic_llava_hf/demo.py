@@ -1,131 +1,140 @@
-"""Offline demonstrations: a tiny random model, and a fidelity check against the official reference outputs."""
+"""`dynamic-llava demo`: the shipped demo model answers questions about generated pictures while it keeps only 20%
+of each picture's tokens, and shows which ones it kept.
+
+Everything runs from the installed package: the model folder is `demo_model_path()`, the pictures come from
+`synthetic.py`, and prompts go through the model's own processor and chat template, as for any LLaVA-1.5 checkpoint.
+"""
 
 import os
+import random
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig
+from PIL import Image, ImageDraw
 
-from .configuration_dynamic_llava import DynamicLlavaConfig
-from .convert_dynamic_llava import load_original_checkpoint
-from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+from .synthetic import ask, random_scene, render_scene
 
 
-def random_tiny_model(seed: int = 0) -> DynamicLlavaForConditionalGeneration:
-    """A small random Dynamic-LLaVA (4 layers, 36 image tokens per image) for trying the API without weights."""
-    torch.manual_seed(seed)
-    config = DynamicLlavaConfig(
-        text_config=LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            pad_token_id=0,
-        ),
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=84,
-            patch_size=14,
-        ),
-        image_token_index=255,
-        image_seq_length=36,
-        predictor_d_model=32,
-        predictor_num_heads=4,
-        predictor_ffn_dim=64,
+DEMO_SEED = 2024  # not a training seed
+DEMO_KINDS = ("describe", "color", "count", "position", "exists")
+OVERLAY_SCALE = 4
+
+
+def demo_questions(num_images: int, seed: int = DEMO_SEED, kinds=DEMO_KINDS) -> list[dict]:
+    """`num_images` scenes with one question of each of `kinds` (where the scene allows it)."""
+    questions = []
+    for index in range(num_images):
+        rng = random.Random(f"dynamic-llava-demo/{seed}/{index}")
+        scene = random_scene(rng)
+        image = render_scene(scene, rng)
+        for kind in kinds:
+            qa = ask(kind, scene, rng)
+            if qa is not None:
+                questions.append({"image_index": index, "image": image, "kind": kind, "question": qa[0], "answer": qa[1]})
+    return questions
+
+
+def enlarge(image: Image.Image, scale: int = OVERLAY_SCALE) -> Image.Image:
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def kept_patch_overlay(image: Image.Image, kept: list[int], patch_size: int, scale: int = OVERLAY_SCALE) -> Image.Image:
+    """`image` enlarged `scale` times, dropped patches darkened, kept patches outlined."""
+    grid = image.width // patch_size
+    big = enlarge(image, scale)
+    shade = Image.new("RGB", big.size, (0, 0, 0))
+    mask = Image.new("L", big.size, 170)
+    draw_mask = ImageDraw.Draw(mask)
+    cell = patch_size * scale
+    for index in kept:
+        row, col = divmod(int(index), grid)
+        draw_mask.rectangle((col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1), fill=0)
+    overlay = Image.composite(shade, big, mask)
+    draw = ImageDraw.Draw(overlay)
+    for index in kept:
+        row, col = divmod(int(index), grid)
+        draw.rectangle((col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1), outline=(255, 255, 255))
+    return overlay
+
+
+def side_by_side(rows: list[list[Image.Image]], gap: int = 8) -> Image.Image:
+    """Rows of equally sized tiles (e.g. picture, overlay) on a white sheet."""
+    tile_width, tile_height = rows[0][0].size
+    columns = max(len(row) for row in rows)
+    sheet = Image.new(
+        "RGB", (columns * (tile_width + gap) + gap, len(rows) * (tile_height + gap) + gap), (255, 255, 255)
     )
-    model = DynamicLlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():  # untrained predictors keep or drop almost everything; spread the decisions
-        model.model.output_text_score_predictor.output_mlp[-1].weight.mul_(50.0)
-    return model
+    for row_index, row in enumerate(rows):
+        for column, tile in enumerate(row):
+            sheet.paste(tile, (gap + column * (tile_width + gap), gap + row_index * (tile_height + gap)))
+    return sheet
 
 
-def run_demo(batch_size: int = 3, max_new_tokens: int = 32) -> list[dict]:
-    """Batched generation with a tiny random model; returns the cache's sparsity report."""
-    model = random_tiny_model()
-    config = model.config
-    generator = torch.Generator().manual_seed(0)
+@torch.inference_mode()
+def kept_image_patches(model, processor, image: Image.Image, question: str, sparsity=None) -> list[int]:
+    """The image tokens the model keeps for this prompt: the prefill's real top-k (`kept_image_token_indices`)."""
+    from .evaluate import prompts_for
+
+    inputs = processor(text=prompts_for(processor, [question]), images=[image], return_tensors="pt")
+    output = model(**inputs, sparsity=sparsity, use_cache=False, logits_to_keep=1)
+    kept = output.kept_image_token_indices
+    if kept is None:  # vision pruning off: everything is kept
+        return list(range(model.config.image_seq_length))
+    return kept[0].tolist()
+
+
+def run_demo(model_path=None, num_images: int = 3, seed: int = DEMO_SEED, sparsity=None) -> dict:
+    """Answers the demo questions in one batched `generate` call; returns rows and the per-image overlays."""
+    from .evaluate import generate_answers, load_model, normalize
+
+    model, processor = load_model(model_path)
+    questions = demo_questions(num_images, seed)
+    answers, report = generate_answers(model, processor, questions, sparsity, max_new_tokens=96)
     rows = []
-    for row in range(batch_size):
-        text_before = torch.randint(3, 250, (2 + 3 * row,), generator=generator).tolist()
-        text_after = torch.randint(3, 250, (6,), generator=generator).tolist()
-        rows.append([1] + text_before + [config.image_token_id] * config.image_seq_length + text_after)
-    length = max(len(row) for row in rows)
-    input_ids = torch.zeros(batch_size, length, dtype=torch.long)
-    attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
-    for index, row in enumerate(rows):
-        input_ids[index, length - len(row) :] = torch.tensor(row)
-        attention_mask[index, length - len(row) :] = 1
-    pixel_values = torch.randn(batch_size, 3, 84, 84, generator=generator)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        pixel_values=pixel_values,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-    )
-    return out.past_key_values.sparsity_report()
+    for item, answer, sparsity_row in zip(questions, answers, report):
+        rows.append(
+            {
+                **{key: item[key] for key in ("image_index", "kind", "question", "answer")},
+                "model_answer": answer,
+                "correct": normalize(answer) == normalize(item["answer"]),
+                **sparsity_row,
+            }
+        )
+    patch_size = model.config.vision_config.patch_size
+    overlays = []
+    for index in range(num_images):
+        first = next(item for item in questions if item["image_index"] == index)
+        kept = kept_image_patches(model, processor, first["image"], first["question"], sparsity)
+        overlays.append([enlarge(first["image"]), kept_patch_overlay(first["image"], kept, patch_size)])
+    return {"rows": rows, "overlays": overlays, "model": model}
 
 
-# The reference's scenarios: name -> (per-call sparsity, config overrides used when converting the checkpoint).
-REFERENCE_SCENARIOS = {
-    "sparse_on": (None, {}),
-    "sparse_off": (False, {}),
-    "vision_only": ({"use_output_text_predictor": False}, {}),
-    "instruct_on": (None, {"use_instruct_predictor": True}),
-}
-
-
-def reference_input_ids(sample: dict, config) -> torch.LongTensor:
-    """The official `-200` image placeholder expanded into one image token per image feature, `[1, seq]`."""
-    ids = sample["input_ids"][0]
-    position = (ids == -200).nonzero().item()
-    image = torch.full((config.image_seq_length,), config.image_token_id)
-    return torch.cat([ids[:position], image, ids[position + 1 :]])[None]
-
-
-def check_reference(reference_dir: str) -> list[dict]:
-    """Runs the official tiny reference (shared/reference/original_tiny) through the converter and compares.
-
-    Returns one row per sample and scenario: whether kept image tokens, generated tokens and KV lengths match exactly,
-    and the largest logit difference.
-    """
-    reference = torch.load(os.path.join(reference_dir, "reference.pt"), weights_only=True)
-    checkpoint = os.path.join(reference_dir, "checkpoint")
-    models = {}
-    results = []
-    for scenario, (sparsity, overrides) in REFERENCE_SCENARIOS.items():
-        key = tuple(sorted(overrides.items()))
-        model = models.setdefault(key, load_original_checkpoint(checkpoint, **overrides))
-        vocab = model.config.image_token_id
-        for sample in reference["samples"]:
-            input_ids = reference_input_ids(sample, model.config)
-            expected = sample["results"][scenario]["generate_cache"]
-            out = model.generate(
-                input_ids=input_ids,
-                pixel_values=sample["pixel_values"],
-                sparsity=sparsity,
-                max_new_tokens=len(expected["new_tokens"]),
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-                output_logits=True,
-                return_dict_in_generate=True,
+def print_demo(result: dict) -> None:
+    current = None
+    for row in result["rows"]:
+        if row["image_index"] != current:
+            current = row["image_index"]
+            print(
+                f"\nimage {current}: kept {row['image_tokens_kept']} of {row['image_tokens_total']} image tokens"
             )
-            logits = torch.stack(out.logits)[:, 0, :vocab]
-            results.append(
-                {
-                    "scenario": scenario,
-                    "sample": sample["name"],
-                    "tokens_match": torch.equal(out.sequences[0, input_ids.shape[1] :], expected["new_tokens"]),
-                    "kv_lengths_match": out.past_key_values.stored_lengths()[:, 0].tolist()
-                    == expected["kv_len_per_layer"],
-                    "max_logit_diff": float((logits - expected["step_logits"]).abs().max()),
-                }
+        mark = "ok " if row["correct"] else "XX "
+        print(f"  {mark}Q: {row['question']}")
+        print(f"     A: {row['model_answer']}")
+        if not row["correct"]:
+            print(f"     truth: {row['answer']}")
+        if row["kind"] == "describe":
+            print(
+                f"     generated tokens whose KV was kept: {row['generated_tokens_kept']}/"
+                f"{row['generated_tokens_total']}; stored KV {row['kv_bytes_ratio']:.2f}x a dense cache"
             )
-    return results
+    correct = sum(row["correct"] for row in result["rows"])
+    print(f"\n{correct}/{len(result['rows'])} answers correct")
+
+
+def save_overlays(result: dict, path: str, force: bool = False) -> str:
+    if os.path.exists(path) and not force:
+        raise FileExistsError(f"{path} already exists; pass --force to overwrite it or --output to pick another file")
+    side_by_side(result["overlays"]).save(path)
+    return path
+
+
+__all__ = ["demo_questions", "kept_patch_overlay", "run_demo"]

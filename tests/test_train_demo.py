@@ -1,0 +1,36 @@
+"""`dynamic-llava train-demo` cannot rot: a few steps of both stages at a tiny size, through the command line."""
+
+import json
+
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from dynamic_llava_hf import DynamicLlavaForConditionalGeneration
+from dynamic_llava_hf.cli import main
+
+
+def test_train_demo_smoke_run_writes_a_loadable_dynamic_llava(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train-demo", "--out", str(out), "--tiny", "--stage1-steps", "3", "--stage2-steps", "3"]
+    assert main(args + ["--batch-size", "8", "--no-progress"]) == 0
+    assert "Wrote" in capsys.readouterr().out
+
+    log = json.loads((out / "training_log.json").read_text())
+    stage1 = [entry for entry in log["stage1"]["log_history"] if "loss" in entry]
+    stage2 = [entry for entry in log["stage2"]["log_history"] if "loss" in entry]
+    assert len(stage1) == 3 and len(stage2) == 3
+    # Stage 2 is the Dynamic-LLaVA recipe: keep-rate losses and ratios logged, tau annealed, two learning rates.
+    assert all("image_keep_ratio" in entry and "image_mask_loss" in entry for entry in stage2)
+    assert stage2[0]["gumbel_tau"] == 1.0 and stage2[-1]["gumbel_tau"] < stage2[0]["gumbel_tau"]
+    assert stage2[1]["predictor_learning_rate"] == 10 * stage2[1]["llm_learning_rate"]
+    assert "image_keep_ratio" not in stage1[0]
+    assert not list(out.glob("stage*")) and not list(out.glob("checkpoint-*"))
+
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model) is DynamicLlavaForConditionalGeneration
+    assert model.config.use_vision_predictor and model.config.use_output_text_predictor
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+
+    # Refuses to train into a folder that is not empty.
+    assert main(args + ["--batch-size", "8", "--no-progress"]) == 1
+    assert "not empty" in capsys.readouterr().err
