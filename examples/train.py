@@ -58,7 +58,7 @@ class RecipeTrainingArguments(DynamicLlavaTrainingArguments):
     num_train_epochs: float = 1.0
     learning_rate: float = 5e-6
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
+    warmup_steps: float = 0.03  # a float < 1 is a share of the steps (transformers 5 dropped warmup_ratio)
     lr_scheduler_type: str = "cosine"
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1

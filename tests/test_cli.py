@@ -18,7 +18,9 @@ def test_demo_answers_with_the_shipped_model_and_draws_the_kept_patches(tmp_path
 
 def test_eval_writes_json_markdown_and_plot(tmp_path, capsys):
     out = tmp_path / "eval"
-    assert main(["eval", "--out", str(out), "--samples-per-kind", "2", "--describe-samples", "2", "--no-progress"]) == 0
+    assert (
+        main(["eval", "--out", str(out), "--samples-per-kind", "2", "--describe-samples", "2", "--no-progress"]) == 0
+    )
     assert "| 0.2 | learned |" in capsys.readouterr().out
     results = json.loads((out / "eval.json").read_text())
     assert set(results["accuracy"]) == {"full", "learned", "random", "fastv"}

@@ -10,7 +10,18 @@ from dynamic_llava_hf.cli import main
 
 def test_train_demo_smoke_run_writes_a_loadable_dynamic_llava(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train-demo", "--out", str(out), "--tiny", "--stage1-steps", "3", "--stage2-steps", "3"]
+    args = [
+        "train-demo",
+        "--out",
+        str(out),
+        "--tiny",
+        "--vision-steps",
+        "2",
+        "--stage1-steps",
+        "3",
+        "--stage2-steps",
+        "3",
+    ]
     assert main(args + ["--batch-size", "8", "--no-progress"]) == 0
     assert "Wrote" in capsys.readouterr().out
 
@@ -18,6 +29,7 @@ def test_train_demo_smoke_run_writes_a_loadable_dynamic_llava(tmp_path, capsys):
     stage1 = [entry for entry in log["stage1"]["log_history"] if "loss" in entry]
     stage2 = [entry for entry in log["stage2"]["log_history"] if "loss" in entry]
     assert len(stage1) == 3 and len(stage2) == 3
+    assert [entry["step"] for entry in log["stage1"]["vision_pretraining"]["log_history"]] == [1, 2]
     # Stage 2 is the Dynamic-LLaVA recipe: keep-rate losses and ratios logged, tau annealed, two learning rates.
     assert all("image_keep_ratio" in entry and "image_mask_loss" in entry for entry in stage2)
     assert stage2[0]["gumbel_tau"] == 1.0 and stage2[-1]["gumbel_tau"] < stage2[0]["gumbel_tau"]

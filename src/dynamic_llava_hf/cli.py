@@ -199,6 +199,7 @@ def add_demo_commands(commands) -> None:
     )
     train.add_argument("--out", required=True, help="output folder (must be empty unless --force)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--vision-steps", type=int, help="vision-tower pre-training steps (default: the recipe's)")
     train.add_argument("--stage1-steps", type=int, help="default: the shipped model's recipe")
     train.add_argument("--stage2-steps", type=int, help="default: the shipped model's recipe")
     train.add_argument("--batch-size", type=int, help="default: the shipped model's recipe")
@@ -243,9 +244,11 @@ def run_demo_command(args) -> int:
 def run_train_demo(args) -> int:
     import dataclasses
 
-    from .train_demo import STAGE1, STAGE2, train_demo
+    from .train_demo import STAGE1, STAGE2, VISION_PRETRAINING, train_demo
 
-    stage1, stage2 = STAGE1, STAGE2
+    vision, stage1, stage2 = VISION_PRETRAINING, STAGE1, STAGE2
+    if args.vision_steps is not None:
+        vision = dataclasses.replace(vision, steps=args.vision_steps)
     if args.stage1_steps is not None:
         stage1 = dataclasses.replace(stage1, steps=args.stage1_steps)
     if args.stage2_steps is not None:
@@ -259,6 +262,7 @@ def run_train_demo(args) -> int:
             seed=args.seed,
             stage1=stage1,
             stage2=stage2,
+            vision=vision,
             progress=not args.no_progress,
             force=args.force,
             tiny=args.tiny,
@@ -266,7 +270,8 @@ def run_train_demo(args) -> int:
     except (FileExistsError, ValueError) as error:
         print(f"dynamic-llava train-demo: error: {error}", file=sys.stderr)
         return 1
-    minutes = (log["stage1"]["wall_seconds"] + log["stage2"]["wall_seconds"]) / 60
+    seconds = log["stage1"]["vision_pretraining"]["wall_seconds"] + log["stage1"]["wall_seconds"]
+    minutes = (seconds + log["stage2"]["wall_seconds"]) / 60
     print(f"Wrote {args.out} (trained in {minutes:.1f} min). Evaluate it with: dynamic-llava eval --model {args.out}")
     return 0
 

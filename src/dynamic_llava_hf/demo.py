@@ -29,7 +29,9 @@ def demo_questions(num_images: int, seed: int = DEMO_SEED, kinds=DEMO_KINDS) -> 
         for kind in kinds:
             qa = ask(kind, scene, rng)
             if qa is not None:
-                questions.append({"image_index": index, "image": image, "kind": kind, "question": qa[0], "answer": qa[1]})
+                questions.append(
+                    {"image_index": index, "image": image, "kind": kind, "question": qa[0], "answer": qa[1]}
+                )
     return questions
 
 
@@ -37,7 +39,9 @@ def enlarge(image: Image.Image, scale: int = OVERLAY_SCALE) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
 
 
-def kept_patch_overlay(image: Image.Image, kept: list[int], patch_size: int, scale: int = OVERLAY_SCALE) -> Image.Image:
+def kept_patch_overlay(
+    image: Image.Image, kept: list[int], patch_size: int, scale: int = OVERLAY_SCALE
+) -> Image.Image:
     """`image` enlarged `scale` times, dropped patches darkened, kept patches outlined."""
     grid = image.width // patch_size
     big = enlarge(image, scale)
@@ -113,9 +117,7 @@ def print_demo(result: dict) -> None:
     for row in result["rows"]:
         if row["image_index"] != current:
             current = row["image_index"]
-            print(
-                f"\nimage {current}: kept {row['image_tokens_kept']} of {row['image_tokens_total']} image tokens"
-            )
+            print(f"\nimage {current}: kept {row['image_tokens_kept']} of {row['image_tokens_total']} image tokens")
         mark = "ok " if row["correct"] else "XX "
         print(f"  {mark}Q: {row['question']}")
         print(f"     A: {row['model_answer']}")

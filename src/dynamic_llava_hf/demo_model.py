@@ -35,8 +35,8 @@ BPE_VOCAB_SIZE = 1000  # an upper bound: the task's text is fully merged into ~4
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (like Llama's, byte fallback included) trained on the task's text and the vicuna_v1
-    prompt; BOS is prepended, `</s>` ends answers. Deterministic: the same corpus gives the same merges."""
+    """A byte-level BPE tokenizer (any text encodes; the task's words are single tokens) trained on the task's text and
+    the vicuna_v1 prompt; BOS is prepended, `</s>` ends answers. Deterministic: the same corpus, the same merges."""
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

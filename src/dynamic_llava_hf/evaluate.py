@@ -113,6 +113,26 @@ def vision_sparsity(selector: str, keep_rate: float, batch_index: int) -> dict:
     return sparsity
 
 
+@torch.inference_mode()
+def object_patches_kept(model, processor, samples, selector, keep_rate, batch_size) -> float:
+    """Share of the objects whose patch the selector keeps (each object lies inside one patch; see `synthetic`)."""
+    kept_objects = total = 0
+    for index, batch in batches(samples, batch_size):
+        inputs = processor(
+            text=prompts_for(processor, [s["question"] for s in batch]),
+            images=[s["image"] for s in batch],
+            padding=True,
+            return_tensors="pt",
+        )
+        sparsity = vision_sparsity(selector, keep_rate, index)
+        output = model(**inputs, sparsity=sparsity, use_cache=False, logits_to_keep=1)
+        for kept, sample in zip(output.kept_image_token_indices, batch):
+            kept = set(kept.tolist())
+            kept_objects += sum(obj.patch_index in kept for obj in sample["objects"])
+            total += len(sample["objects"])
+    return kept_objects / total
+
+
 def short_answer_accuracy(model, processor, samples, selector, keep_rate, batch_size) -> dict:
     correct = Counter()
     total = Counter()
@@ -208,6 +228,10 @@ def run_eval(settings: EvalSettings, model=None, processor=None):
     for rate, selector in points:
         selector_name = "learned" if selector == "full" else selector
         result = short_answer_accuracy(model, processor, short, selector_name, rate, settings.batch_size)
+        if selector != "full":
+            result["object_patches_kept"] = object_patches_kept(
+                model, processor, short, selector_name, rate, settings.batch_size
+            )
         accuracy.setdefault(selector, {})[str(rate)] = result
         progress.update()
     description = {}
@@ -218,9 +242,12 @@ def run_eval(settings: EvalSettings, model=None, processor=None):
         )
         progress.update()
     progress.close()
-    num_text_tokens = processor(
-        text=prompts_for(processor, [short[0]["question"]]), images=[short[0]["image"]], return_tensors="pt"
-    )["input_ids"].shape[1] - model.config.image_seq_length
+    num_text_tokens = (
+        processor(
+            text=prompts_for(processor, [short[0]["question"]]), images=[short[0]["image"]], return_tensors="pt"
+        )["input_ids"].shape[1]
+        - model.config.image_seq_length
+    )
     overlay = selector_overlays(model, processor, short[:4], settings.selectors, 0.2)
     results = {
         "settings": {**asdict(settings), "progress": False},
@@ -245,25 +272,28 @@ def percent(value: float) -> str:
 
 def markdown_report(results: dict) -> str:
     accuracy = results["accuracy"]
-    rates = sorted({rate for selector, by_rate in accuracy.items() if selector != "full" for rate in by_rate}, key=float)
+    rates = sorted(
+        {rate for selector, by_rate in accuracy.items() if selector != "full" for rate in by_rate}, key=float
+    )
     rates.reverse()
     kinds = list(accuracy["full"]["1.0"]["per_kind"])
     lines = [
         f"Short answers, held-out accuracy (%) over {results['num_short_samples']} questions "
         f"({len(kinds)} kinds); keep 1.0 = full context.",
         "",
-        "| vision keep | selector | prefill FLOPs | overall | " + " | ".join(kinds) + " |",
-        "|---|---|---|---|" + "---|" * len(kinds),
+        "| vision keep | selector | object patches kept | prefill FLOPs | overall | " + " | ".join(kinds) + " |",
+        "|---|---|---|---|---|" + "---|" * len(kinds),
     ]
     full = accuracy["full"]["1.0"]
-    lines.append("| 1.0 | (full) | 1.00 | " + percent(full["overall"]) + " | ")
+    lines.append("| 1.0 | (full) | 100.0 | 1.00 | " + percent(full["overall"]) + " | ")
     lines[-1] += " | ".join(percent(full["per_kind"][kind]) for kind in kinds) + " |"
     for rate in rates:
         for selector in [s for s in SELECTORS if s in accuracy]:
             result = accuracy[selector][rate]
             flops = results["prefill_flops_ratio"].get(rate)
             lines.append(
-                f"| {rate} | {selector} | {flops:.2f} | {percent(result['overall'])} | "
+                f"| {rate} | {selector} | {percent(result['object_patches_kept'])} | {flops:.2f} | "
+                f"{percent(result['overall'])} | "
                 + " | ".join(percent(result["per_kind"][kind]) for kind in kinds)
                 + " |"
             )

@@ -16,6 +16,7 @@ size, colour, shape and position (30 to 60 tokens), for the output-text predicto
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 
@@ -56,7 +57,13 @@ class SceneObject:
     color: str
     shape: str
     size: str
-    cell: tuple[int, int]
+    cell: tuple[int, int]  # (row, column) on the 3x3 grid of the questions
+    patch: tuple[int, int]  # (row, column) of the one patch (of the cell's 2x2) that holds the object
+
+    @property
+    def patch_index(self) -> int:
+        """Index of the object's patch among the image tokens (row-major)."""
+        return self.patch[0] * (IMAGE_SIZE // PATCH_SIZE) + self.patch[1]
 
     @property
     def position(self) -> str:
@@ -76,7 +83,12 @@ def random_scene(rng: random.Random, min_objects: int = MIN_OBJECTS) -> list[Sce
     count = rng.randint(min_objects, MAX_OBJECTS)
     cells = sorted(rng.sample(sorted(POSITIONS), count))
     kinds = rng.sample([(color, shape) for color in COLORS for shape in SHAPES], count)
-    return [SceneObject(color, shape, rng.choice(tuple(SIZES)), cell) for (color, shape), cell in zip(kinds, cells)]
+    per_cell = CELL_SIZE // PATCH_SIZE
+    scene = []
+    for (color, shape), (row, column) in zip(kinds, cells):
+        patch = (row * per_cell + rng.randrange(per_cell), column * per_cell + rng.randrange(per_cell))
+        scene.append(SceneObject(color, shape, rng.choice(tuple(SIZES)), (row, column), patch))
+    return scene
 
 
 def draw_background(rng: random.Random) -> Image.Image:
@@ -93,20 +105,18 @@ def draw_background(rng: random.Random) -> Image.Image:
         else:
             draw.line((x, y, x + w, y + h), fill=(grey,) * 3, width=rng.randint(1, 3))
     image = image.filter(ImageFilter.GaussianBlur(0.8))
-    noise = Image.effect_noise((IMAGE_SIZE, IMAGE_SIZE), rng.uniform(8, 20)).convert("RGB")
+    # Gaussian grey noise around mid-grey (what PIL's effect_noise draws, but from our seed: effect_noise is unseeded).
+    noise = np.random.default_rng(rng.getrandbits(64)).normal(128, rng.uniform(8, 20), (IMAGE_SIZE, IMAGE_SIZE))
+    noise = Image.fromarray(noise.clip(0, 255).astype(np.uint8)).convert("RGB")
     return Image.blend(image, noise, 0.15)
 
 
 def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, rng: random.Random) -> None:
-    """Draws `obj` inside one of its cell's four patches (chosen at random), with some jitter if it is small."""
+    """Draws `obj` inside its patch, with some jitter if it is small."""
     size = SIZES[obj.size]
-    slack = (PATCH_SIZE - size) // 2
-
-    def center(cell_index: int) -> int:
-        patch = cell_index * CELL_SIZE + rng.randrange(CELL_SIZE // PATCH_SIZE) * PATCH_SIZE
-        return patch + PATCH_SIZE // 2 + rng.randint(-slack + 1, slack - 1) if slack > 1 else patch + PATCH_SIZE // 2
-
-    cx, cy = center(obj.cell[1]), center(obj.cell[0])
+    jitter = max((PATCH_SIZE - size) // 2 - 1, 0)
+    cx = obj.patch[1] * PATCH_SIZE + PATCH_SIZE // 2 + rng.randint(-jitter, jitter)
+    cy = obj.patch[0] * PATCH_SIZE + PATCH_SIZE // 2 + rng.randint(-jitter, jitter)
     left, top, right, bottom = cx - size // 2, cy - size // 2, cx + size // 2, cy + size // 2
     color = COLORS[obj.color]
     if obj.shape == "circle":

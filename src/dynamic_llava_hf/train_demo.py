@@ -18,11 +18,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .data import LlavaDataCollator, tokenize_conversation
 from .demo_model import build_demo_processor, demo_config, demo_generation_config
 from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
-from .synthetic import IMAGE_SIZE, LONG_KINDS, PATCH_SIZE, SHORT_KINDS, make_sample
+from .synthetic import COLORS, IMAGE_SIZE, LONG_KINDS, PATCH_SIZE, SHAPES, SHORT_KINDS, SIZES, make_sample
 from .training import DynamicLlavaTrainer, DynamicLlavaTrainingArguments
 
 
@@ -41,7 +42,8 @@ class StageSettings:
 
 
 # The shipped model's recipe (about an hour on 2 CPU cores).
-STAGE1 = StageSettings(steps=2800, batch_size=32, learning_rate=5e-4)
+VISION_PRETRAINING = StageSettings(steps=300, batch_size=64, learning_rate=2e-3)
+STAGE1 = StageSettings(steps=1800, batch_size=32, learning_rate=1e-3)
 STAGE2 = StageSettings(steps=500, batch_size=32, learning_rate=1e-4, predictor_lr=1e-3)
 
 
@@ -116,13 +118,71 @@ def run_stage(model, processor, args, seed: int) -> dict:
     return {"wall_seconds": round(time.perf_counter() - start, 1), "log_history": trainer.state.log_history}
 
 
-def train_stage1(processor, stage: StageSettings, seed: int, out: str, progress: bool, size: str = "default"):
+def patch_labels(objects, num_patches: int) -> torch.LongTensor:
+    """`[num_patches, 3]` class of each patch: colour, shape and size of the object it holds (0: no object)."""
+    labels = torch.zeros(num_patches, 3, dtype=torch.long)
+    for obj in objects:
+        labels[obj.patch_index] = torch.tensor(
+            [list(COLORS).index(obj.color) + 1, SHAPES.index(obj.shape) + 1, list(SIZES).index(obj.size) + 1]
+        )
+    return labels
+
+
+def pretrain_vision_tower(model, processor, stage: StageSettings, seed: int, progress: bool) -> dict:
+    """Stands in for CLIP's pre-training: the vision tower learns to tell, for every patch, the colour, shape and
+    size of the object it holds (or that it holds none), through linear heads on the features LLaVA reads. The
+    heads are thrown away afterwards, as CLIP's projection heads are."""
+    from tqdm.auto import tqdm
+
+    tower = model.model.vision_tower
+    heads = torch.nn.ModuleList(
+        torch.nn.Linear(model.config.vision_config.hidden_size, classes)
+        for classes in (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+    )
+    optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=stage.learning_rate)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, stage.learning_rate, total_steps=stage.steps, pct_start=stage.warmup_ratio
+    )
+    num_patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    log, start = [], time.perf_counter()
+    tower.train()
+    for step in tqdm(range(stage.steps), desc="stage 1a: vision tower", disable=not progress):
+        samples = [make_sample(seed, step * stage.batch_size + i, min_objects=1) for i in range(stage.batch_size)]
+        pixels = processor.image_processor([s["image"] for s in samples], return_tensors="pt")["pixel_values"]
+        labels = torch.stack([patch_labels(s["objects"], num_patches) for s in samples])
+        states = tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+        logits = [head(states) for head in heads]
+        loss = sum(F.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten()) for i, lg in enumerate(logits))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % max(stage.steps // 10, 1) == 0:
+            accuracy = torch.stack([lg.argmax(-1) == labels[..., i] for i, lg in enumerate(logits)]).all(0)
+            log.append({"step": step + 1, "loss": loss.item(), "patch_accuracy": float(accuracy.float().mean())})
+            if progress:
+                print(log[-1])
+    return {"wall_seconds": round(time.perf_counter() - start, 1), "log_history": log}
+
+
+def train_stage1(
+    processor,
+    vision: StageSettings,
+    stage: StageSettings,
+    seed: int,
+    progress: bool,
+    size: str = "default",
+):
+    """Stage 1: the vision tower pre-trained alone, then LLaVA (projector and LLM) trained on it frozen."""
     torch.manual_seed(seed)
     model = DynamicLlavaForConditionalGeneration(demo_config(processor.tokenizer, size))
     model.config._attn_implementation = "sdpa"
+    vision_log = pretrain_vision_tower(model, processor, vision, seed + 2, progress)
+    # LLaVA-1.5 trains the projector and the LLM on a frozen CLIP.
+    model.model.vision_tower.requires_grad_(False)
     with tempfile.TemporaryDirectory() as scratch:
         log = run_stage(model, processor, training_arguments(scratch, stage, seed, progress), seed)
-    return model, log
+    return model, {**log, "vision_pretraining": vision_log}
 
 
 def add_predictors(stage1_model, processor, seed: int, size: str = "default") -> DynamicLlavaForConditionalGeneration:
@@ -137,9 +197,7 @@ def add_predictors(stage1_model, processor, seed: int, size: str = "default") ->
     return model
 
 
-def train_stage2(
-    stage1_model, processor, stage: StageSettings, seed: int, out: str, progress: bool, size: str = "default"
-):
+def train_stage2(stage1_model, processor, stage: StageSettings, seed: int, progress: bool, size: str = "default"):
     model = add_predictors(stage1_model, processor, seed, size)
     model.model.vision_tower.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(False)
@@ -154,6 +212,7 @@ def train_demo(
     seed: int = 0,
     stage1: StageSettings = STAGE1,
     stage2: StageSettings = STAGE2,
+    vision: StageSettings = VISION_PRETRAINING,
     progress: bool = True,
     force: bool = False,
     tiny: bool = False,
@@ -166,8 +225,8 @@ def train_demo(
         raise FileExistsError(f"{out} exists and is not empty; pass force=True (--force) to train into it anyway")
     processor = build_demo_processor()
     size = "tiny" if tiny else "default"
-    stage1_model, log1 = train_stage1(processor, stage1, seed + TRAIN_SEED, out, progress, size)
-    model, log2 = train_stage2(stage1_model, processor, stage2, seed + TRAIN_SEED, out, progress, size)
+    stage1_model, log1 = train_stage1(processor, vision, stage1, seed + TRAIN_SEED, progress, size)
+    model, log2 = train_stage2(stage1_model, processor, stage2, seed + TRAIN_SEED, progress, size)
     model.eval()
     model.generation_config = demo_generation_config(model.config)
     model.save_pretrained(out)
@@ -176,7 +235,7 @@ def train_demo(
         "seed": seed,
         "size": size,
         "threads": torch.get_num_threads(),
-        "stage1": {"settings": vars(stage1), **log1},
+        "stage1": {"settings": vars(stage1), "vision_settings": vars(vision), **log1},
         "stage2": {"settings": vars(stage2), **log2},
     }
     with open(os.path.join(out, "training_log.json"), "w") as file:
@@ -199,9 +258,18 @@ def stage_summary(stage_log: dict) -> str:
     return text + f"; {stage_log['wall_seconds'] / 60:.1f} min"
 
 
+def vision_summary(vision_log: dict) -> str:
+    last = vision_log["log_history"][-1]
+    return (
+        f"loss {last['loss']:.4f}, patch accuracy {last['patch_accuracy']:.3f} at the end; "
+        f"{vision_log['wall_seconds'] / 60:.1f} min"
+    )
+
+
 def demo_model_card(log: dict, results_markdown: str | None = None) -> str:
     """The model card (README.md) of a `train-demo` folder; the shipped one adds the eval tables."""
     stage1, stage2 = log["stage1"], log["stage2"]
+    vision = stage1["vision_settings"]
     lines = [
         "---",
         "library_name: transformers",
@@ -213,17 +281,20 @@ def demo_model_card(log: dict, results_markdown: str | None = None) -> str:
         "",
         "A small LLaVA-1.5-architecture model (CLIP-style ViT, 2-layer GELU projector, 6-layer Llama; about 4M",
         "parameters) trained from scratch by `dynamic-llava train-demo` on the procedurally generated picture",
-        "questions of `dynamic_llava_hf.synthetic`, then turned into a Dynamic-LLaVA with the paper's recipe. It exists",
-        "to show the method working: it answers questions about generated pictures of coloured shapes while keeping",
-        "only 20% of each picture's 36 tokens and about half of its own answer tokens' KV cache.",
+        "questions of `dynamic_llava_hf.synthetic`, then turned into a Dynamic-LLaVA with the paper's recipe. It",
+        "exists to show the method at work on pictures of coloured shapes: keeping 20% of each picture's 36 tokens",
+        "and about half of its own answer tokens' KV cache. How well it answers is in the evaluation below.",
         "It knows nothing else: it is not a general vision-language model. Real checkpoints come from",
         "`dynamic-llava convert`.",
         "",
         "## Training",
         "",
-        f"- Stage 1 (LLaVA-1.5, full context, all weights from scratch): {stage1['settings']['steps']} steps of "
-        f"batch {stage1['settings']['batch_size']}, lr {stage1['settings']['learning_rate']}: "
-        f"{stage_summary(stage1)}.",
+        f"- Stage 1a (stands in for CLIP's pre-training): the vision tower alone learns each patch's object "
+        f"colour, shape and size through linear heads that are then dropped; {vision['steps']} steps of batch "
+        f"{vision['batch_size']}: {vision_summary(stage1['vision_pretraining'])}.",
+        f"- Stage 1b (LLaVA-1.5, full context, on the frozen vision tower; projector and LLM from scratch): "
+        f"{stage1['settings']['steps']} steps of batch {stage1['settings']['batch_size']}, lr "
+        f"{stage1['settings']['learning_rate']}: {stage_summary(stage1)}.",
         f"- Stage 2 (Dynamic-LLaVA: predictors added, vision tower and projector frozen, LLM lr "
         f"{stage2['settings']['learning_rate']}, predictor lr {stage2['settings']['predictor_lr']}, Gumbel tau 1 -> "
         f"0.1, keep-rate targets 0.2 image / 0.5 output text): {stage2['settings']['steps']} steps of batch "
