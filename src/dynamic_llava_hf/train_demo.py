@@ -1,12 +1,13 @@
 """`dynamic-llava train-demo`: trains the demo model on the synthetic task, both stages, on a CPU.
 
-- Stage 1, "LLaVA-1.5": the whole LLaVA architecture from scratch (vision tower, projector, Llama) with full
-  context, no predictors.
+- Stage 1, "LLaVA-1.5", everything from scratch, in the order LLaVA-1.5 was built: (a) the vision tower alone learns
+  to name each patch's object (a stand-in for CLIP's pre-training), then (b) projector and Llama are trained with full
+  context on the frozen tower, no predictors.
 - Stage 2, Dynamic-LLaVA (the paper's recipe, at this scale): the predictors are added, the vision tower and
   projector frozen, the LLM trained at a low learning rate and the predictors at a high one, Gumbel temperature
   annealed 1 -> 0.1, keep-rate losses towards 0.2 (image) and 0.5 (output text).
 
-Both stages use the package's public training API (`DynamicLlavaTrainer`, `DynamicLlavaTrainingArguments`,
+Stages 1b and 2 use the package's public training API (`DynamicLlavaTrainer`, `DynamicLlavaTrainingArguments`,
 `data.tokenize_conversation`, `data.LlavaDataCollator`). Samples are drawn on the fly from `synthetic.make_sample`,
 a fresh one for every step, from a seed that evaluation never uses.
 """
