@@ -2,13 +2,11 @@
 and held-out accuracy floors (full context and 20% of the image tokens)."""
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from test_remote_code import PROBE, create_venv_without_package
+from test_remote_code import run_probe_without_package
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 import dynamic_llava_hf
@@ -118,20 +116,7 @@ def test_remote_code_in_a_fresh_venv_answers_like_the_package(demo_folder, fixed
     request.write_text(
         json.dumps({"folder": str(demo_folder), "images": image_paths, "questions": questions, "max_new_tokens": 6})
     )
-    python = create_venv_without_package(tmp_path / "venv")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    result = subprocess.run(
-        [str(python), "-I", str(PROBE), str(request), str(tmp_path / "remote.pt")],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    remote = torch.load(tmp_path / "remote.pt", weights_only=False)
+    remote = run_probe_without_package(request, tmp_path)
     assert remote["model_class"].startswith("transformers_modules.")
 
     # The installed package on the same inputs: same tokens from generate() and the same pipeline answers.

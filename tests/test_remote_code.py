@@ -77,6 +77,26 @@ def process_like_a_user(processor, images):
     return processor(images=images, text=prompts, padding=True, return_tensors="pt")
 
 
+def run_probe_without_package(request: Path, tmp_path: Path) -> dict:
+    """Runs remote_code_probe.py on `request` in a fresh venv without dynamic_llava_hf; returns what it observed.
+    Its remote-code module cache is `tmp_path / "hf_modules"` (a fresh copy, not a cached one)."""
+    python = create_venv_without_package(tmp_path / "venv")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    result = subprocess.run(
+        [str(python), "-I", str(PROBE), str(request), str(tmp_path / "remote.pt")],
+        check=False,  # the assertion below shows the probe's output
+        cwd=tmp_path,  # neither the repository nor src/ is on the path
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return torch.load(tmp_path / "remote.pt", weights_only=False)
+
+
 def greedy(model, inputs):
     return model.generate(
         **inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_scores=True
@@ -98,21 +118,7 @@ def test_fresh_venv_loads_the_folder_with_trust_remote_code_and_generates_identi
         )
     )
 
-    python = create_venv_without_package(tmp_path / "venv")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")  # a fresh copy of the remote code, not a cached one
-    result = subprocess.run(
-        [str(python), "-I", str(PROBE), str(request), str(tmp_path / "remote.pt")],
-        check=False,  # the assertion below shows the probe's output
-        cwd=tmp_path,  # neither the repository nor src/ is on the path
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    remote = torch.load(tmp_path / "remote.pt", weights_only=False)
+    remote = run_probe_without_package(request, tmp_path)
 
     # The venv really lacked the package and ran the folder's code.
     assert "dynamic_llava_hf" in remote["import_error"]
@@ -124,7 +130,7 @@ def test_fresh_venv_loads_the_folder_with_trust_remote_code_and_generates_identi
     assert remote["base_model_class"].endswith("modeling_dynamic_llava.DynamicLlavaModel")
     assert remote["cache_class"].startswith("transformers_modules.")
     assert remote["cache_class"].endswith("cache_dynamic_llava.DynamicLlavaCache")
-    assert (Path(env["HF_MODULES_CACHE"]) / "transformers_modules" / "checkpoint").is_dir()
+    assert (tmp_path / "hf_modules" / "transformers_modules" / "checkpoint").is_dir()
 
     # The installed package, on the same folder and images, without trust_remote_code.
     processor = AutoProcessor.from_pretrained(folder)
