@@ -9,9 +9,24 @@ slots `[0, lengths[b])` (left-aligned, original order) and everything behind is 
 geometrically, so appending is amortised O(1) and never copies the cache per step. All layers of a group share one
 `RowLengths` (their decisions are the same), so the per-row bookkeeping is done once per step, not once per layer.
 
-The model drives a step in three moves: `begin_step(group, persist)` before running a group of layers, the layers'
-`update` calls (made by transformers' attention modules), then `end_step()`, which advances the lengths with a single
-host synchronisation for the whole forward.
+The step protocol (the whole contract between the model and this cache):
+
+1. `layout = cache.begin_step(group, persist)` before the model runs a group of layers. `persist[b, i]` says whether
+   current token `i` of row `b` is stored for later steps. The returned `KeyLayout` is everything the model needs to
+   build that group's attention mask; the model never reads the cache's internals.
+2. The layers' `update` calls, made by transformers' attention modules. They write keys/values but never change the
+   stored lengths.
+3. `cache.end_step(num_new_tokens)` once the last layer ran: the only place that advances the stored lengths (by what
+   each group's `persist` kept) and the count of tokens seen.
+
+Host synchronisations (GPU -> CPU reads), all of them:
+
+- `end_step`: one per forward, for the per-group minimum/maximum lengths that size the next step's masks and writes.
+- `reorder_cache`, `batch_select_indices`, `batch_repeat_interleave` (beam search, sampling with several sequences):
+  one per call, for the same minimum/maximum after the rows moved.
+- `stored_lengths()` and `sparsity_report()` only when called (reporting).
+
+`begin_step` and `update` never synchronise: the lengths they need on the host are the ones `end_step` read.
 """
 
 from dataclasses import dataclass
@@ -22,6 +37,26 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 FULL_GROUP = 0
 SPARSE_GROUP = 1
+
+
+@dataclass
+class KeyLayout:
+    """Where a group of layers finds its keys in the current forward, as `begin_step` returns it.
+
+    `lengths[b]` entries of row `b` are stored (`past_width` = their maximum; `lengths` is None when there is no
+    cache). With `in_place` the single new token sits at column `lengths[b]`; otherwise the new tokens follow the
+    `past_width` stored columns.
+    """
+
+    lengths: torch.Tensor | None
+    past_width: int
+    in_place: bool
+    uniform: bool  # every row stores `past_width` entries
+
+    @classmethod
+    def empty(cls) -> "KeyLayout":
+        """Nothing stored: the layout of a forward without a cache."""
+        return cls(lengths=None, past_width=0, in_place=False, uniform=True)
 
 
 @dataclass
@@ -46,13 +81,17 @@ class RowLengths:
         self.min_length = 0
         self.plan: StepPlan | None = None
 
-    def select_rows(self, index: torch.Tensor) -> None:
-        if self.lengths is not None:
-            self.lengths = self.lengths[index.to(self.lengths.device)]
-            self.refresh_extrema()
+    def advance(self) -> None:
+        """Adds what the current step's plan persisted to the lengths (extrema: see `refresh_extrema`)."""
+        self.lengths = self.lengths + self.plan.persist.to(self.lengths.device).sum(-1)
+        self.plan = None
 
-    def refresh_extrema(self) -> None:
-        self.min_length, self.max_length = (int(v) for v in torch.stack([self.lengths.min(), self.lengths.max()]))
+
+def refresh_extrema(groups: list[RowLengths]) -> None:
+    """Reads the groups' new minimum and maximum lengths to the host: one synchronisation for all of them."""
+    extrema = torch.stack([torch.stack([rows.lengths.min(), rows.lengths.max()]) for rows in groups]).tolist()
+    for rows, (low, high) in zip(groups, extrema):
+        rows.min_length, rows.max_length = int(low), int(high)
 
 
 def _grown_capacity(needed: int) -> int:
@@ -149,17 +188,6 @@ class DynamicLlavaLayer(CacheLayerMixin):
             self.keys = self.keys[index]
             self.values = self.values[index]
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.select_rows(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.select_rows(indices)
-
     def reset(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
@@ -195,8 +223,9 @@ class DynamicLlavaCache(Cache):
     # ----------------------------------------------------------------------------------------------------------------
     # Step protocol used by the model
 
-    def begin_step(self, group: int, persist: torch.Tensor) -> None:
-        """Plans the current forward for one group of layers; `persist` is a bool `[batch, new_tokens]`."""
+    def begin_step(self, group: int, persist: torch.Tensor) -> KeyLayout:
+        """Plans the current forward for one group of layers (`persist`: bool `[batch, new_tokens]`) and returns where
+        that group's layers will find their keys."""
         rows = self.groups[group]
         if rows.lengths is None:
             rows.lengths = torch.zeros(persist.shape[0], dtype=torch.long, device=persist.device)
@@ -205,18 +234,22 @@ class DynamicLlavaCache(Cache):
                 f"The cache holds {rows.lengths.shape[0]} rows but the input has {persist.shape[0]}: pass the cache "
                 "back only with the batch it was built for."
             )
+        # One new token per row lands in the row's next free slot; several are appended behind the stored ones.
         in_place = persist.shape[1] == 1 and rows.max_length > 0
         rows.plan = StepPlan(persist=persist, in_place=in_place)
+        return KeyLayout(
+            lengths=rows.lengths,
+            past_width=rows.max_length,
+            in_place=in_place,
+            uniform=rows.min_length == rows.max_length,
+        )
 
     def end_step(self, num_new_tokens: int) -> None:
-        """Advances every group by what its plan persisted; one host synchronisation for the whole step."""
+        """Advances every planned group by what it persisted; one host synchronisation for the whole step."""
         planned = [rows for rows in self.groups if rows.plan is not None]
         for rows in planned:
-            rows.lengths = rows.lengths + rows.plan.persist.to(rows.lengths.device).sum(-1)
-            rows.plan = None
-        extrema = torch.stack([torch.stack([r.lengths.min(), r.lengths.max()]) for r in planned]).tolist()
-        for rows, (low, high) in zip(planned, extrema):
-            rows.min_length, rows.max_length = int(low), int(high)
+            rows.advance()
+        refresh_extrema(planned)
         self.seen_tokens += num_new_tokens
 
     def record_tokens(self, kind: str, seen: torch.Tensor, kept: torch.Tensor) -> None:
@@ -257,8 +290,12 @@ class DynamicLlavaCache(Cache):
         )
 
     def _select_rows(self, index: torch.Tensor) -> None:
-        for rows in self.groups:
-            rows.select_rows(index)
+        """Keeps/reorders/repeats rows: every layer's storage, the shared lengths and the report counters."""
+        filled = [rows for rows in self.groups if rows.lengths is not None]
+        for rows in filled:
+            rows.lengths = rows.lengths[index.to(rows.lengths.device)]
+        if filled:
+            refresh_extrema(filled)
         for layer in self.layers:
             layer.select_rows(index)
         self.token_counts = {
@@ -335,4 +372,4 @@ class DynamicLlavaCache(Cache):
         return report
 
 
-__all__ = ["DynamicLlavaCache", "DynamicLlavaLayer"]
+__all__ = ["DynamicLlavaCache", "DynamicLlavaLayer", "KeyLayout"]

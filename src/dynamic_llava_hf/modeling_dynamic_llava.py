@@ -27,7 +27,7 @@ from transformers.models.llava.modeling_llava import (
 )
 from transformers.utils import logging
 
-from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache
+from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache, KeyLayout
 from .configuration_dynamic_llava import (
     DynamicLlavaConfig,
     check_keep_rate,
@@ -268,36 +268,6 @@ class DynamicLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Attention masks built from the cache layout (transformers' mask helpers cannot express a ragged cache)
-
-
-@dataclass
-class KeyLayout:
-    """Where a group of layers finds its keys in the current forward.
-
-    `lengths[b]` entries of row `b` are stored (`past_width` = their maximum). With `in_place` the single new token
-    sits at column `lengths[b]`; otherwise the new tokens follow the `past_width` stored columns.
-    """
-
-    lengths: torch.Tensor | None
-    past_width: int
-    in_place: bool
-    uniform: bool  # every row stores `past_width` entries
-
-
-def empty_layout() -> KeyLayout:
-    return KeyLayout(lengths=None, past_width=0, in_place=False, uniform=True)
-
-
-def cache_layout(cache: DynamicLlavaCache | None, group: int) -> KeyLayout:
-    if cache is None:
-        return empty_layout()
-    rows = cache.groups[group]
-    return KeyLayout(
-        lengths=rows.lengths,
-        past_width=rows.max_length,
-        in_place=rows.plan.in_place,
-        uniform=rows.min_length == rows.max_length,
-    )
 
 
 def build_attention_mask(
@@ -986,9 +956,7 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         layers = language_model.layers[: text_config.num_hidden_layers]
 
         # Layers below sparse_layer: the whole sequence; every real (non-padding) token is stored.
-        if cache is not None:
-            cache.begin_step(FULL_GROUP, valid)
-        layout = cache_layout(cache, FULL_GROUP)
+        layout = cache.begin_step(FULL_GROUP, valid) if cache is not None else KeyLayout.empty()
         mask = build_attention_mask(attn_implementation, layout, valid, hidden_states.dtype)
         for layer in layers[:sparse_layer]:
             hidden_states = layer(
@@ -1038,14 +1006,11 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
             visible = slot_valid
             persist = torch.gather(persist, 1, gather_index) & slot_valid
 
-        if cache is not None:
-            cache.begin_step(SPARSE_GROUP, persist)
+        layout = cache.begin_step(SPARSE_GROUP, persist) if cache is not None else KeyLayout.empty()
         if training_keep_masks is not None and training_keep_masks.sampled:
             mask = build_training_attention_mask(key_keep, valid, hidden_states.dtype)
         else:
-            mask = build_attention_mask(
-                attn_implementation, cache_layout(cache, SPARSE_GROUP), visible, hidden_states.dtype
-            )
+            mask = build_attention_mask(attn_implementation, layout, visible, hidden_states.dtype)
         for layer in layers[sparse_layer:]:
             hidden_states = layer(
                 hidden_states,
