@@ -9,7 +9,7 @@ Everything else is transformers' Llava.
 """
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -399,21 +399,7 @@ def keep_rate_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Decisions at the sparse layer
-
-
-@dataclass
-class SparseLayerPlan:
-    """What happens to the current tokens at `sparse_layer`.
-
-    `keep_computing[b, i]`: token `i` continues into layers `>= sparse_layer` (None: every token does). `persist`:
-    the token's K/V is stored in those layers' cache for later steps.
-    """
-
-    keep_computing: torch.Tensor | None
-    persist: torch.Tensor
-    kept_image_token_indices: list[torch.LongTensor] | None = None
-    output_keep_decisions: torch.Tensor | None = None
+# Decisions at the sparse layer (inference)
 
 
 def keep_decision(logits: torch.Tensor) -> torch.Tensor:
@@ -463,6 +449,138 @@ def instruction_queries(image_mask: torch.Tensor, prompt: torch.Tensor) -> torch
     after_image = prompt & (columns > last_image) & has_image
     last_prompt_token = (columns == torch.where(prompt, columns, -1).amax(-1, keepdim=True)) & has_image
     return torch.where(after_image.any(-1, keepdim=True), after_image, last_prompt_token)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tokens of one forward, and the decisions taken about them at the sparse layer
+
+
+@dataclass
+class SparseLayerPlan:
+    """What happens to the current tokens at `sparse_layer`, as the predictors decide it.
+
+    `removed`: physically dropped from the layers `>= sparse_layer` in this forward. `unstored`: computed in this
+    forward but not stored in those layers' cache (a later turn's pruned text, a generated token the output-text
+    predictor dropped).
+    """
+
+    valid: torch.Tensor
+    removed: torch.Tensor
+    unstored: torch.Tensor
+    removes_tokens: bool = False  # some decision removes tokens, so the later layers run on a gathered sequence
+    kept_image_token_indices: list[torch.LongTensor] | None = None
+    output_keep_decisions: torch.Tensor | None = None
+
+    @classmethod
+    def keep_all(cls, valid: torch.Tensor) -> "SparseLayerPlan":
+        return cls(valid=valid, removed=torch.zeros_like(valid), unstored=torch.zeros_like(valid))
+
+    def remove(self, tokens: torch.Tensor) -> None:
+        self.removed = self.removed | tokens
+        self.removes_tokens = True
+
+    def skip_storing(self, tokens: torch.Tensor) -> None:
+        self.unstored = self.unstored | tokens
+
+    @property
+    def persist(self) -> torch.Tensor:
+        """`[batch, new_tokens]`: tokens whose K/V the layers `>= sparse_layer` store for later steps."""
+        return self.valid & ~self.removed & ~self.unstored
+
+    @property
+    def keep_computing(self) -> torch.Tensor | None:
+        """`[batch, new_tokens]`: tokens that continue into the layers `>= sparse_layer` (None: all of them)."""
+        if not self.removes_tokens:
+            return None
+        keep = self.valid & ~self.removed
+        keep[:, -1] = True  # the last token's logits are always needed
+        return keep
+
+
+def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`states[b, index[b, i]]` for `[batch, seq, dim]` states."""
+    return torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
+
+
+def scatter_tokens(
+    states: torch.Tensor, index: torch.Tensor | None, slot_valid: torch.Tensor | None, length: int
+) -> torch.Tensor:
+    """Inverse of `gather_tokens` onto `length` positions; positions nothing was gathered from get zeros."""
+    if index is None:
+        return states
+    states = states.masked_fill(~slot_valid[..., None], 0)
+    out = states.new_zeros(states.shape[0], length, states.shape[-1])
+    return out.scatter(1, index[..., None].expand(-1, -1, states.shape[-1]), states)
+
+
+@dataclass
+class DecoderStep:
+    """The tokens of one forward on their way through the decoder layers.
+
+    What the input is: `valid` (`[batch, new_tokens]`, not padding), `past_seen` (tokens already in the cache),
+    `num_generated_tokens` (without a cache: trailing inputs that are model outputs), and, once the images are merged,
+    `image_mask` (their placeholders) and `tokens_per_image` (None without images).
+
+    Where the tokens are: until `sparse_layer` every input position has a slot. `apply(plan)` then keeps only the
+    tokens the later layers compute, left-aligned in their original order (`gather_index` holds each slot's input
+    position). `visible` marks the slots later tokens may attend to, `persist` those whose K/V the cache stores.
+    """
+
+    valid: torch.Tensor
+    past_seen: int
+    num_generated_tokens: int
+    hidden_states: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    image_mask: torch.Tensor | None = None
+    tokens_per_image: int | None = None
+    all_hidden_states: list[torch.Tensor] | None = None
+    gather_index: torch.Tensor | None = None
+    visible: torch.Tensor = field(init=False)
+    persist: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        if self.image_mask is None:
+            self.image_mask = torch.zeros_like(self.valid)
+        self.visible = self.persist = self.valid
+
+    @property
+    def num_new(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def decoding(self) -> bool:
+        """One new token after a cached prefix."""
+        return self.num_new == 1 and self.past_seen > 0
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        """`[batch, new_tokens]`: the valid tokens that are not generated outputs (those trail the prompt)."""
+        columns = torch.arange(self.num_new, device=self.valid.device)
+        return self.valid & (columns < self.num_new - self.num_generated_tokens)
+
+    def apply(self, plan: SparseLayerPlan) -> None:
+        """Takes the sparse layer's decisions: what the cache stores and, if tokens are removed, which slots remain."""
+        self.persist = plan.persist
+        keep = plan.keep_computing
+        if keep is None:
+            return
+        kept_counts = keep.sum(-1)
+        width = int(kept_counts.max())
+        # Kept tokens first, in their original order (a stable sort of "removed" flags).
+        self.gather_index = torch.sort(~keep, dim=-1, stable=True).indices[:, :width]
+        self.visible = torch.arange(width, device=keep.device)[None] < kept_counts[:, None]
+        self.persist = torch.gather(self.persist, 1, self.gather_index) & self.visible
+        self.hidden_states = gather_tokens(self.hidden_states, self.gather_index)
+        cos, sin = self.position_embeddings
+        self.position_embeddings = (gather_tokens(cos, self.gather_index), gather_tokens(sin, self.gather_index))
+
+    def scatter(self, states: torch.Tensor) -> torch.Tensor:
+        """`states` of the slots back at the input positions; removed positions get zeros."""
+        return scatter_tokens(states, self.gather_index, self.visible, self.num_new)
+
+    def record_hidden_states(self) -> None:
+        if self.all_hidden_states is not None:
+            self.all_hidden_states.append(self.scatter(self.hidden_states))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -555,6 +673,39 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         )
         return (inputs_embeds == image_embedding).all(-1)
 
+    def check_inputs(self, input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, output_attentions) -> None:
+        if output_attentions:
+            raise ValueError("output_attentions is not supported by Dynamic-LLaVA (its layers see pruned sequences)")
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+
+    def check_training_call(self, settings: SparsitySettings, with_cache: bool, inputs_embeds: torch.Tensor) -> None:
+        """A training forward (model.train() with sparsification on) samples keep masks; refuse what cannot work."""
+        if with_cache:
+            raise ValueError(
+                "A training forward (model.train() with sparsification on) samples keep masks instead of removing "
+                "tokens and cannot use a KV cache: pass use_cache=False, or call model.eval() for inference."
+            )
+        if settings.use_vision_predictor and settings.vision_selector != "learned":
+            raise ValueError(
+                f"vision_selector={settings.vision_selector!r} is an inference-time baseline: a training forward "
+                "(model.train() with sparsification on) samples the image predictor's Gumbel keep masks. Pass "
+                'sparsity={"vision_selector": "learned"} to train, or call model.eval() to run the baseline.'
+            )
+        if self.config.text_config._attn_implementation.startswith("flash_attention"):
+            raise ValueError(
+                "Training Dynamic-LLaVA needs the masked softmax of the method, an additive float mask that flash "
+                "attention cannot take: load the model with attn_implementation='sdpa' (or 'eager') for training."
+            )
+        if float16_attention(inputs_embeds):
+            logger.warning_once(
+                "Training Dynamic-LLaVA in float16: dropped tokens' attention weights (~1e-10 of their unmasked "
+                "value) underflow, so their keep masks get no gradient through attention. Train in bfloat16 or "
+                "float32."
+            )
+
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         vision = self.config.vision_config
         expected = (getattr(vision, "num_channels", 3), vision.image_size, vision.image_size)
@@ -593,13 +744,16 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], features)
         return inputs_embeds, tokens_per_image
 
-    def resolve_cache(self, past_key_values, use_cache: bool) -> DynamicLlavaCache | None:
+    def resolve_cache(self, past_key_values, use_cache: bool | None) -> tuple[DynamicLlavaCache | None, bool]:
+        """The cache this forward reads and fills (None: none), and the resolved `use_cache`."""
+        if use_cache is None:
+            use_cache = self.config.text_config.use_cache and not self.training
         if past_key_values is None:
-            return DynamicLlavaCache(self.config) if use_cache else None
+            return (DynamicLlavaCache(self.config) if use_cache else None), use_cache
         if hasattr(past_key_values, "begin_step"):  # duck-typed: remote code loads the cache class separately
-            return past_key_values
+            return past_key_values, use_cache
         if type(past_key_values) is DynamicCache and past_key_values.get_seq_length() == 0:
-            return DynamicLlavaCache(self.config)  # an empty default cache, e.g. created by generate()
+            return DynamicLlavaCache(self.config), use_cache  # an empty default cache, e.g. created by generate()
         raise TypeError(
             f"Dynamic-LLaVA needs a DynamicLlavaCache (it stores a different set of tokens per layer and row), got "
             f"{type(past_key_values).__name__}. Static, quantized and offloaded caches are not supported; pass no "
@@ -607,84 +761,175 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         )
 
     # -----------------------------------------------------------------------------------------------------------------
-    # Decisions at the sparse layer
+    # Phases of the forward
 
-    def plan_sparse_layer(
+    def start_step(
         self,
-        hidden_states: torch.Tensor,
-        image_mask: torch.Tensor,
-        valid: torch.Tensor,
-        tokens_per_image: int | None,
-        has_past: bool,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: DynamicLlavaCache | None,
         num_generated_tokens: int,
-        settings: SparsitySettings,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    ) -> SparseLayerPlan:
-        """Applies the predictors to the input of `sparse_layer` and decides what the later layers see and store.
+    ) -> DecoderStep:
+        """The step state at the first decoder layer: padding mask, original positions and their RoPE."""
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        if num_generated_tokens and past_seen > 0:
+            raise ValueError("num_generated_tokens is for decoding without a cache; with a cache pass only new tokens")
+        batch, num_new = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < num_new:
+                raise ValueError(
+                    f"attention_mask must be a 2D padding mask [batch, past + new tokens] = [{batch}, "
+                    f"{past_seen + num_new}], got {list(attention_mask.shape)}"
+                )
+            valid = attention_mask[:, -num_new:].to(device=device, dtype=torch.bool)
+        else:
+            valid = torch.ones(batch, num_new, dtype=torch.bool, device=device)
+        if position_ids is None:
+            position_ids = torch.arange(past_seen, past_seen + num_new, device=device)[None]
+        position_ids = position_ids.to(device).expand(batch, num_new)
+        return DecoderStep(
+            valid=valid,
+            past_seen=past_seen,
+            num_generated_tokens=num_generated_tokens,
+            hidden_states=inputs_embeds,
+            position_embeddings=self.language_model.rotary_emb(inputs_embeds, position_ids),
+        )
 
-        `position_embeddings` are the RoPE cos/sin of the current tokens (read by the `"fastv"` image selector).
+    def embed_images(
+        self,
+        step: DecoderStep,
+        input_ids: torch.LongTensor | None,
+        pixel_values: torch.FloatTensor | None,
+        mm_encoder_outputs: dict | None,
+        **vision_kwargs,
+    ) -> list[torch.Tensor] | None:
+        """Encodes the images (unless `mm_encoder_outputs` holds them) and merges them into the step's placeholders
+        (setting `image_mask` and `tokens_per_image`); returns the image features.
+
+        A placeholder id the model generated itself (a decoding step, or the output part of a no-cache step) is an
+        ordinary token, as in Llava.
         """
-        num_new = valid.shape[1]
-        device = valid.device
-        removed = torch.zeros_like(valid)  # dropped from layers >= sparse_layer now (physically)
-        not_stored = torch.zeros_like(valid)  # computed now, but not stored for later tokens
-        plan = SparseLayerPlan(keep_computing=None, persist=valid)
-        columns = torch.arange(num_new, device=device)
-        prompt_end = num_new - num_generated_tokens  # without a cache the generated tokens trail the prompt
-
-        if settings.use_vision_predictor and tokens_per_image is not None:
-            rows, cols = image_token_coordinates(image_mask, tokens_per_image)
-            scores = self.image_token_scores(
-                settings,
-                hidden_states,
-                rows,
-                cols,
-                image_mask=image_mask,
-                prompt=valid & (columns < prompt_end),
-                valid=valid,
-                position_embeddings=position_embeddings,
+        if not step.decoding:
+            step.image_mask = self.image_token_mask(input_ids, step.hidden_states)
+        if step.num_generated_tokens:
+            step.image_mask[:, step.num_new - step.num_generated_tokens :] = False
+        image_features = None
+        if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
+            image_features = mm_encoder_outputs["image"].pooler_output
+        elif pixel_values is not None:
+            self.check_pixel_values(pixel_values)
+            image_features = self.get_image_features(
+                pixel_values=pixel_values, return_dict=True, **vision_kwargs
+            ).pooler_output
+        if image_features is not None:
+            step.hidden_states, step.tokens_per_image = self.merge_image_features(
+                step.hidden_states, step.image_mask, image_features
             )
-            dropped_images, plan.kept_image_token_indices = select_image_tokens(
-                scores, image_mask, rows, cols, settings.vision_keep_rate
+        elif not step.decoding and bool(step.image_mask.any()):
+            raise ValueError(
+                f"The input contains {int(step.image_mask.sum())} image tokens (id {self.config.image_token_id}) but "
+                "no pixel_values or image features were given."
             )
-            removed |= dropped_images
+        return image_features
 
+    def layer_groups(self) -> tuple[nn.ModuleList, nn.ModuleList]:
+        """The text backbone's decoder layers below `sparse_layer` and from it on."""
+        layers = self.language_model.layers[: self.config.text_config.num_hidden_layers]
+        return layers[: self.config.sparse_layer], layers[self.config.sparse_layer :]
+
+    def run_layers(
+        self,
+        layers: nn.ModuleList,
+        group: int,
+        step: DecoderStep,
+        cache: DynamicLlavaCache | None,
+        key_keep: torch.Tensor | None = None,
+        **kwargs,
+    ) -> None:
+        """Runs one group of decoder layers (`FULL_GROUP` below `sparse_layer`, `SPARSE_GROUP` from it) over the
+        step's slots. `key_keep`: the training keep values of the keys (a training forward's later layers)."""
+        layout = cache.begin_step(group, step.persist) if cache is not None else KeyLayout.empty()
+        dtype = step.hidden_states.dtype
+        if key_keep is not None:
+            mask = build_training_attention_mask(key_keep, step.visible, dtype)
+        else:
+            mask = build_attention_mask(self.config.text_config._attn_implementation, layout, step.visible, dtype)
+        for layer in layers:
+            step.hidden_states = layer(
+                step.hidden_states,
+                attention_mask=mask,
+                position_embeddings=step.position_embeddings,
+                past_key_values=cache,
+                **kwargs,
+            )
+            step.record_hidden_states()
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Decisions at the sparse layer (inference)
+
+    def plan_sparse_layer(self, step: DecoderStep, settings: SparsitySettings) -> SparseLayerPlan:
+        """Applies the predictors to the input of `sparse_layer` and decides what the later layers see and store."""
+        plan = SparseLayerPlan.keep_all(step.valid)
+        if not settings.enabled:
+            return plan
+        if settings.use_vision_predictor and step.tokens_per_image is not None:
+            self.prune_image_tokens(plan, step, settings)
         if settings.use_instruct_predictor:
-            instruct_keep = keep_decision(self.instruct_score_predictor(hidden_states))
-            text = valid & ~image_mask & (columns < prompt_end - 1)  # the last prompt token is always kept
-            if has_past:
-                # A later turn: its tokens see each other now; only the kept ones are stored.
-                not_stored |= text & ~instruct_keep
-            else:
-                # Prompt text after each row's last image is pruned like the image tokens.
-                last_image = torch.where(image_mask, columns, -1).amax(-1, keepdim=True)
-                after_image = (columns > last_image) & (last_image >= 0)
-                removed |= text & after_image & ~instruct_keep
-
-        if settings.use_output_text_predictor and (num_generated_tokens > 1 or (has_past and num_new == 1)):
-            output_keep = keep_decision(self.output_text_score_predictor(hidden_states))
-            if has_past:
-                # Decoding with a cache: the new token sees itself now and is stored only if kept.
-                not_stored |= ~output_keep
-                plan.output_keep_decisions = output_keep
-            else:
-                # Decoding without a cache: earlier generated tokens the predictor dropped are gone; the newest one
-                # is being computed and stays.
-                judged = (columns >= prompt_end) & (columns < num_new - 1)
-                removed |= judged & ~output_keep
-                plan.output_keep_decisions = output_keep[:, prompt_end:]
-
-        plan.persist = valid & ~removed & ~not_stored
-        if (
-            plan.kept_image_token_indices is not None
-            or settings.use_instruct_predictor
-            and not has_past
-            or (num_generated_tokens > 1 and settings.use_output_text_predictor)
-        ):
-            keep_computing = valid & ~removed
-            keep_computing[:, -1] = True  # the last token's logits are always needed
-            plan.keep_computing = keep_computing
+            self.prune_instruction(plan, step)
+        if settings.use_output_text_predictor and (step.num_generated_tokens > 1 or step.decoding):
+            self.gate_output_text(plan, step)
         return plan
+
+    def prune_image_tokens(self, plan: SparseLayerPlan, step: DecoderStep, settings: SparsitySettings) -> None:
+        """Keeps the top `vision_keep_rate` of each image's tokens by the selector's scores; removes the rest."""
+        rows, cols = image_token_coordinates(step.image_mask, step.tokens_per_image)
+        scores = self.image_token_scores(
+            settings,
+            step.hidden_states,
+            rows,
+            cols,
+            image_mask=step.image_mask,
+            prompt=step.prompt,
+            valid=step.valid,
+            position_embeddings=step.position_embeddings,
+        )
+        dropped, plan.kept_image_token_indices = select_image_tokens(
+            scores, step.image_mask, rows, cols, settings.vision_keep_rate
+        )
+        plan.remove(dropped)
+
+    def prune_instruction(self, plan: SparseLayerPlan, step: DecoderStep) -> None:
+        """Drops the prompt text the instruct predictor rejects (never the last prompt token)."""
+        instruct_keep = keep_decision(self.instruct_score_predictor(step.hidden_states))
+        columns = torch.arange(step.num_new, device=step.valid.device)
+        prompt_end = step.num_new - step.num_generated_tokens
+        text = step.valid & ~step.image_mask & (columns < prompt_end - 1)
+        if step.past_seen > 0:
+            # A later turn: its tokens see each other now; only the kept ones are stored.
+            plan.skip_storing(text & ~instruct_keep)
+        else:
+            # Prompt text after each row's last image is pruned like the image tokens.
+            last_image = torch.where(step.image_mask, columns, -1).amax(-1, keepdim=True)
+            after_image = (columns > last_image) & (last_image >= 0)
+            plan.remove(text & after_image & ~instruct_keep)
+
+    def gate_output_text(self, plan: SparseLayerPlan, step: DecoderStep) -> None:
+        """Keeps a generated token's K/V for later steps iff the output-text predictor says so."""
+        output_keep = keep_decision(self.output_text_score_predictor(step.hidden_states))
+        if step.past_seen > 0:
+            # Decoding with a cache: the new token sees itself now and is stored only if kept.
+            plan.skip_storing(~output_keep)
+            plan.output_keep_decisions = output_keep
+        else:
+            # Decoding without a cache: earlier generated tokens the predictor dropped are gone; the newest one is
+            # being computed and stays.
+            columns = torch.arange(step.num_new, device=step.valid.device)
+            prompt_end = step.num_new - step.num_generated_tokens
+            judged = (columns >= prompt_end) & (columns < step.num_new - 1)
+            plan.remove(judged & ~output_keep)
+            plan.output_keep_decisions = output_keep[:, prompt_end:]
 
     def image_token_scores(
         self,
@@ -762,7 +1007,7 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         return weights.sum(dim=(1, 2)) / (num_queries * weights.shape[1]).clamp(min=1)[:, None]
 
     # -----------------------------------------------------------------------------------------------------------------
-    # Training decisions at the sparse layer
+    # Decisions at the sparse layer (training)
 
     def sample_keep_mask(self, logits: torch.Tensor, kind: str) -> torch.Tensor:
         """Hard 0/1 keep mask `[...]` from `[..., 2]` keep/drop logits: Gumbel-softmax at temperature `gumbel_tau`
@@ -785,21 +1030,17 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
         return masks, lengths, positions
 
     def sample_training_masks(
-        self,
-        hidden_states: torch.Tensor,
-        image_mask: torch.Tensor,
-        valid: torch.Tensor,
-        labels: torch.LongTensor | None,
-        tokens_per_image: int | None,
-        settings: SparsitySettings,
-    ) -> tuple[TrainingKeepMasks, torch.Tensor]:
-        """Samples the keep masks of a training forward; returns them and the `[batch, seq]` key keep values."""
+        self, step: DecoderStep, labels: torch.LongTensor | None, settings: SparsitySettings
+    ) -> tuple[TrainingKeepMasks, torch.Tensor | None]:
+        """Samples the keep masks of a training forward; returns them and the `[batch, seq]` key keep values (None
+        when no mask was sampled: the later layers then run like inference without pruning)."""
         config = self.config
+        hidden_states, image_mask, valid = step.hidden_states, step.image_mask, step.valid
         masks = TrainingKeepMasks()
         key_keep = torch.ones(valid.shape, dtype=torch.float32, device=valid.device)
 
-        if settings.use_vision_predictor and tokens_per_image is not None:
-            rows, cols = image_token_coordinates(image_mask, tokens_per_image)
+        if settings.use_vision_predictor and step.tokens_per_image is not None:
+            rows, cols = image_token_coordinates(image_mask, step.tokens_per_image)
             masks.image = self.sample_keep_mask(self.image_score_predictor(hidden_states[rows, cols]), "image")
             key_keep = key_keep.index_put((rows.reshape(-1), cols.reshape(-1)), masks.image.reshape(-1))
 
@@ -819,7 +1060,41 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
             in_span = torch.arange(positions.shape[1], device=positions.device)[None] < lengths[:, None]
             values = torch.where(in_span, span_masks, torch.gather(key_keep, 1, positions))
             key_keep = key_keep.scatter(1, positions, values)
-        return masks, key_keep
+        return masks, key_keep if masks.sampled else None
+
+    def decide_at_sparse_layer(
+        self,
+        step: DecoderStep,
+        settings: SparsitySettings,
+        training: bool,
+        labels: torch.LongTensor | None,
+        cache: DynamicLlavaCache | None,
+    ) -> tuple[SparseLayerPlan, TrainingKeepMasks | None, torch.Tensor | None]:
+        """The plan for the layers `>= sparse_layer`, plus (training) the sampled keep masks and the key keep values.
+
+        A training forward removes nothing: its keep masks act on the keys of the later layers instead.
+        """
+        if training:
+            masks, key_keep = self.sample_training_masks(step, labels, settings)
+            return SparseLayerPlan.keep_all(step.valid), masks, key_keep
+        plan = self.plan_sparse_layer(step, settings)
+        if cache is not None:
+            # Seen/kept counts behind the cache's `sparsity_report()`.
+            if step.tokens_per_image is not None:
+                image_tokens = step.image_mask & step.valid
+                cache.record_tokens("image", image_tokens.sum(-1), (step.image_mask & plan.persist).sum(-1))
+            if step.decoding:
+                cache.record_tokens("generated", step.valid.sum(-1), plan.persist.sum(-1))
+        return plan, None, None
+
+    def finish_step(self, step: DecoderStep, cache: DynamicLlavaCache | None) -> torch.Tensor:
+        """Final norm, every input position back in place (removed ones get zeros); the cache advances its lengths."""
+        hidden_states = step.scatter(self.language_model.norm(step.hidden_states))
+        if step.all_hidden_states is not None:
+            step.all_hidden_states[-1] = hidden_states  # transformers' convention: the last entry is normed
+        if cache is not None:
+            cache.end_step(step.num_new)
+        return hidden_states
 
     # -----------------------------------------------------------------------------------------------------------------
     # Forward
@@ -847,214 +1122,58 @@ class DynamicLlavaModel(DynamicLlavaPreTrainedModel, LlavaModel):
     ) -> DynamicLlavaModelOutputWithPast | tuple:
         r"""
         sparsity (`SparsitySettings`, `dict` or `bool`, *optional*):
-            Overrides the config's sparsification for this call: `False` switches it off (plain LLaVA), a dict
-            overrides fields of [`SparsitySettings`], e.g. `{"vision_selector": "fastv", "vision_keep_rate": 0.2}`
-            to compare the learned image predictor against a baseline selector.
+            This call's sparsification instead of the config's: `False` switches it off (plain LLaVA), a dict overrides
+            fields of [`SparsitySettings`], e.g. `{"vision_selector": "fastv", "vision_keep_rate": 0.2}`.
         num_generated_tokens (`int`, *optional*, defaults to 0):
-            Without a cache: the last `num_generated_tokens` input tokens are model outputs. Those the output-text
-            predictor drops are removed from layers `>= sparse_layer` (the newest one is always computed), which makes
-            no-cache decoding equal to cached decoding. `generate(use_cache=False)` sets it.
+            Without a cache: the last `num_generated_tokens` inputs are model outputs, pruned by the output-text
+            predictor as cached decoding would (the newest is always computed). `generate(use_cache=False)` sets it.
         labels (`torch.LongTensor`, *optional*):
-            Only read in training (`model.train()`): each row's answer span, the supervised tokens of its last reply,
-            is what the output-text predictor masks.
+            In training only: each row's last reply (its supervised tokens) is what the output-text predictor masks.
         """
         settings = resolve_sparsity(self, sparsity)
-        text_config = self.config.text_config
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        if output_attentions:
-            raise ValueError("output_attentions is not supported by Dynamic-LLaVA (its layers see pruned sequences)")
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and mm_encoder_outputs is not None:
-            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        self.check_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, output_attentions)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        batch, num_new = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
+        cache, use_cache = self.resolve_cache(past_key_values, use_cache)
+        training = self.training and settings.enabled
+        if training:
+            self.check_training_call(settings, cache is not None, inputs_embeds)
 
-        use_cache = use_cache if use_cache is not None else (text_config.use_cache and not self.training)
-        sample_masks = self.training and settings.enabled
-        if sample_masks and (use_cache or past_key_values is not None):
-            raise ValueError(
-                "A training forward (model.train() with sparsification on) samples keep masks instead of removing "
-                "tokens and cannot use a KV cache: pass use_cache=False, or call model.eval() for inference."
-            )
-        if sample_masks and settings.use_vision_predictor and settings.vision_selector != "learned":
-            raise ValueError(
-                f"vision_selector={settings.vision_selector!r} is an inference-time baseline: a training forward "
-                "(model.train() with sparsification on) samples the image predictor's Gumbel keep masks. Pass "
-                'sparsity={"vision_selector": "learned"} to train, or call model.eval() to run the baseline.'
-            )
-        if sample_masks and text_config._attn_implementation.startswith("flash_attention"):
-            raise ValueError(
-                "Training Dynamic-LLaVA needs the masked softmax of the method, an additive float mask that flash "
-                "attention cannot take: load the model with attn_implementation='sdpa' (or 'eager') for training."
-            )
-        if sample_masks and float16_attention(inputs_embeds):
-            logger.warning_once(
-                "Training Dynamic-LLaVA in float16: dropped tokens' attention weights (~1e-10 of their unmasked "
-                "value) underflow, so their keep masks get no gradient through attention. Train in bfloat16 or "
-                "float32."
-            )
-        cache = self.resolve_cache(past_key_values, use_cache)
-        past_seen = cache.get_seq_length() if cache is not None else 0
-        decoding_step = num_new == 1 and past_seen > 0
-        if num_generated_tokens and past_seen > 0:
-            raise ValueError("num_generated_tokens is for decoding without a cache; with a cache pass only new tokens")
+        step = self.start_step(inputs_embeds, attention_mask, position_ids, cache, num_generated_tokens)
+        image_features = self.embed_images(
+            step,
+            input_ids,
+            pixel_values,
+            mm_encoder_outputs,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes,
+        )
+        if output_hidden_states or (output_hidden_states is None and self.config.output_hidden_states):
+            step.all_hidden_states = [step.hidden_states]
 
-        # Images: encode, check and merge into the placeholder positions. A placeholder id the model generated itself
-        # (a decoding step, or the output part of a no-cache step) is an ordinary token, as in Llava.
-        if decoding_step:
-            image_mask = torch.zeros(batch, num_new, dtype=torch.bool, device=device)
-        else:
-            image_mask = self.image_token_mask(input_ids, inputs_embeds)
-        if num_generated_tokens:
-            image_mask[:, num_new - num_generated_tokens :] = False
-        image_features = None
-        if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-            image_features = mm_encoder_outputs["image"].pooler_output
-        elif pixel_values is not None:
-            self.check_pixel_values(pixel_values)
-            image_features = self.get_image_features(
-                pixel_values=pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                image_sizes=image_sizes,
-                return_dict=True,
-            ).pooler_output
-        tokens_per_image = None
-        if image_features is not None:
-            inputs_embeds, tokens_per_image = self.merge_image_features(inputs_embeds, image_mask, image_features)
-        elif not decoding_step and bool(image_mask.any()):
-            raise ValueError(
-                f"The input contains {int(image_mask.sum())} image tokens (id {self.config.image_token_id}) but no "
-                "pixel_values or image features were given."
-            )
+        # Layers below sparse_layer see the whole sequence and store every real token.
+        below, above = self.layer_groups()
+        self.run_layers(below, FULL_GROUP, step, cache, use_cache=use_cache, **kwargs)
 
-        # Padding and positions.
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < num_new:
-                raise ValueError(
-                    f"attention_mask must be a 2D padding mask [batch, past + new tokens] = [{batch}, "
-                    f"{past_seen + num_new}], got {list(attention_mask.shape)}"
-                )
-            valid = attention_mask[:, -num_new:].to(device=device, dtype=torch.bool)
-        else:
-            valid = torch.ones(batch, num_new, dtype=torch.bool, device=device)
-        if position_ids is None:
-            position_ids = torch.arange(past_seen, past_seen + num_new, device=device)[None]
-        position_ids = position_ids.to(device).expand(batch, num_new)
+        # At sparse_layer: decide what the later layers compute and store, or (training) sample the masks they apply.
+        plan, training_keep_masks, key_keep = self.decide_at_sparse_layer(step, settings, training, labels, cache)
+        step.apply(plan)
 
-        language_model = self.language_model
-        attn_implementation = text_config._attn_implementation
-        hidden_states = inputs_embeds
-        cos, sin = language_model.rotary_emb(hidden_states, position_ids)
-        all_hidden_states = [hidden_states] if output_hidden_states else None
-        sparse_layer = self.config.sparse_layer
-        layers = language_model.layers[: text_config.num_hidden_layers]
-
-        # Layers below sparse_layer: the whole sequence; every real (non-padding) token is stored.
-        layout = cache.begin_step(FULL_GROUP, valid) if cache is not None else KeyLayout.empty()
-        mask = build_attention_mask(attn_implementation, layout, valid, hidden_states.dtype)
-        for layer in layers[:sparse_layer]:
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=mask,
-                position_embeddings=(cos, sin),
-                past_key_values=cache,
-                use_cache=use_cache,
-                **kwargs,
-            )
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-
-        # The sparse layer: decide, then physically drop what the later layers must not see (inference), or sample
-        # keep masks that the later layers apply as key masks (training).
-        plan = SparseLayerPlan(keep_computing=None, persist=valid)
-        training_keep_masks = None
-        if sample_masks:
-            training_keep_masks, key_keep = self.sample_training_masks(
-                hidden_states, image_mask, valid, labels, tokens_per_image, settings
-            )
-        elif settings.enabled:
-            plan = self.plan_sparse_layer(
-                hidden_states,
-                image_mask,
-                valid,
-                tokens_per_image,
-                has_past=past_seen > 0,
-                num_generated_tokens=num_generated_tokens,
-                settings=settings,
-                position_embeddings=(cos, sin),
-            )
-        if cache is not None and tokens_per_image is not None:
-            cache.record_tokens("image", (image_mask & valid).sum(-1), (image_mask & plan.persist).sum(-1))
-        if cache is not None and decoding_step:
-            cache.record_tokens("generated", valid.sum(-1), plan.persist.sum(-1))
-        gather_index = slot_valid = None
-        visible, persist = valid, plan.persist
-        if plan.keep_computing is not None:
-            kept_counts = plan.keep_computing.sum(-1)
-            width = int(kept_counts.max())
-            # Kept tokens first, in their original order (a stable sort of "removed" flags).
-            gather_index = torch.sort(~plan.keep_computing, dim=-1, stable=True).indices[:, :width]
-            slot_valid = torch.arange(width, device=device)[None] < kept_counts[:, None]
-            hidden_states = gather_tokens(hidden_states, gather_index)
-            cos, sin = gather_tokens(cos, gather_index), gather_tokens(sin, gather_index)
-            visible = slot_valid
-            persist = torch.gather(persist, 1, gather_index) & slot_valid
-
-        layout = cache.begin_step(SPARSE_GROUP, persist) if cache is not None else KeyLayout.empty()
-        if training_keep_masks is not None and training_keep_masks.sampled:
-            mask = build_training_attention_mask(key_keep, valid, hidden_states.dtype)
-        else:
-            mask = build_attention_mask(attn_implementation, layout, visible, hidden_states.dtype)
-        for layer in layers[sparse_layer:]:
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=mask,
-                position_embeddings=(cos, sin),
-                past_key_values=cache,
-                use_cache=use_cache,
-                **kwargs,
-            )
-            if output_hidden_states:
-                all_hidden_states.append(scatter_tokens(hidden_states, gather_index, slot_valid, num_new))
-        hidden_states = language_model.norm(hidden_states)
-        hidden_states = scatter_tokens(hidden_states, gather_index, slot_valid, num_new)
-        if output_hidden_states:
-            all_hidden_states[-1] = hidden_states  # transformers' convention: the last entry is normed
-        if cache is not None:
-            cache.end_step(num_new)
+        # Layers from sparse_layer on, over the remaining tokens; then the norm, and every input position back.
+        self.run_layers(above, SPARSE_GROUP, step, cache, key_keep, use_cache=use_cache, **kwargs)
+        hidden_states = self.finish_step(step, cache)
 
         output = DynamicLlavaModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=cache if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            hidden_states=tuple(step.all_hidden_states) if step.all_hidden_states is not None else None,
             image_hidden_states=torch.stack(list(image_features)) if image_features is not None else None,
             kept_image_token_indices=plan.kept_image_token_indices,
             output_keep_decisions=plan.output_keep_decisions,
             training_keep_masks=training_keep_masks,
         )
         return output if return_dict is not False else output.to_tuple()
-
-
-def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`states[b, index[b, i]]` for `[batch, seq, dim]` states."""
-    return torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
-
-
-def scatter_tokens(
-    states: torch.Tensor, index: torch.Tensor | None, slot_valid: torch.Tensor | None, length: int
-) -> torch.Tensor:
-    """Inverse of `gather_tokens` onto `length` positions; positions nothing was gathered from get zeros."""
-    if index is None:
-        return states
-    states = states.masked_fill(~slot_valid[..., None], 0)
-    out = states.new_zeros(states.shape[0], length, states.shape[-1])
-    return out.scatter(1, index[..., None].expand(-1, -1, states.shape[-1]), states)
 
 
 class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaForConditionalGeneration):
