@@ -31,6 +31,7 @@ from dynamic_llava_hf import (
 )
 from dynamic_llava_hf.cli import main
 from dynamic_llava_hf.convert_dynamic_llava import model_card_template, verify_saved_weights
+from dynamic_llava_hf.modeling_dynamic_llava import REMOTE_CODE_FILES
 from dynamic_llava_hf.reference_check import REFERENCE_SCENARIOS
 
 
@@ -137,9 +138,7 @@ def test_cli_conversion_reproduces_the_reference_through_remote_code(converted_r
 def test_converted_reference_folder(converted_reference):
     folder = converted_reference["default"]
     assert {"config.json", "generation_config.json", "model.safetensors", "README.md"} <= set(os.listdir(folder))
-    assert {"configuration_dynamic_llava.py", "modeling_dynamic_llava.py", "cache_dynamic_llava.py"} <= set(
-        os.listdir(folder)
-    )
+    assert set(REMOTE_CODE_FILES) <= set(os.listdir(folder))
     config = read_json(os.path.join(folder, "config.json"))
     assert config["model_type"] == "dynamic_llava" and config["image_token_index"] == 512
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}

@@ -14,16 +14,16 @@ import pytest
 import torch
 from tiny_checkpoint import chat, save_tiny_checkpoint, tiny_images
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from transformers.dynamic_module_utils import get_class_from_dynamic_module, get_relative_import_files
 
 import dynamic_llava_hf
 from dynamic_llava_hf import DynamicLlavaCache, DynamicLlavaForConditionalGeneration
+from dynamic_llava_hf.modeling_dynamic_llava import REMOTE_CODE_FILES
 
 
 PROBE = Path(__file__).parent / "remote_code_probe.py"
 QUESTIONS = ["w1 w2 w3", "w7 w8 w9 w10 w11 w12 w13"]  # different lengths: a left-padded batch
 MAX_NEW_TOKENS = 6
-REMOTE_FILES = ("configuration_dynamic_llava.py", "modeling_dynamic_llava.py", "cache_dynamic_llava.py")
 
 
 def package_site_entries() -> set[str]:
@@ -164,7 +164,7 @@ def test_fresh_venv_loads_the_folder_with_trust_remote_code_and_generates_identi
 
 def test_saved_folder_carries_the_remote_code_and_a_full_auto_map(tmp_path):
     save_tiny_checkpoint(tmp_path)
-    for name in REMOTE_FILES:
+    for name in REMOTE_CODE_FILES:
         assert (tmp_path / name).read_text() == (Path(dynamic_llava_hf.__file__).parent / name).read_text()
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map == {
@@ -172,6 +172,17 @@ def test_saved_folder_carries_the_remote_code_and_a_full_auto_map(tmp_path):
         "AutoModel": "modeling_dynamic_llava.DynamicLlavaModel",
         "AutoModelForImageTextToText": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
     }
+
+
+def test_remote_code_files_are_the_modeling_file_and_everything_it_imports():
+    package = Path(dynamic_llava_hf.__file__).parent
+    imported = {Path(path).name for path in get_relative_import_files(package / "modeling_dynamic_llava.py")}
+    assert set(REMOTE_CODE_FILES) == imported | {"modeling_dynamic_llava.py"}
+    # Flat and self-contained: torch, transformers and each other only.
+    for name in REMOTE_CODE_FILES:
+        for line in (package / name).read_text().splitlines():
+            if line.startswith(("import ", "from ")) and not line.startswith("from ."):
+                assert line.split()[1].split(".")[0] in {"dataclasses", "torch", "transformers"}, (name, line)
 
 
 def test_remote_module_in_this_process_matches_the_installed_package(tmp_path):

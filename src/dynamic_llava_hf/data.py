@@ -12,7 +12,7 @@ import os
 import torch
 from PIL import Image
 
-from .modeling_dynamic_llava import IGNORE_INDEX
+from .training_dynamic_llava import IGNORE_INDEX
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 

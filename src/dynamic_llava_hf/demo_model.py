@@ -18,15 +18,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from .configuration_dynamic_llava import DynamicLlavaConfig
-from .modeling_dynamic_llava import REMOTE_CODE_AUTO_MAP
+from .modeling_dynamic_llava import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_FILES
 from .processing import VICUNA_V1_SYSTEM_MESSAGE, add_llava_special_tokens, build_processor, padded_vocab_size
 from .synthetic import IMAGE_SIZE, PATCH_SIZE, corpus_texts
 
 
 # Package data: the trained weights, configuration and processor files (no code: see `demo_model_path`).
 DEMO_PACKAGE_DATA = "demo_model_files"
-# The remote-code files a self-contained folder needs, copied from the installed package.
-REMOTE_CODE_FILES = ("configuration_dynamic_llava.py", "modeling_dynamic_llava.py", "cache_dynamic_llava.py")
 BPE_VOCAB_SIZE = 1000  # an upper bound: the task's text is fully merged into ~490 tokens long before it
 
 

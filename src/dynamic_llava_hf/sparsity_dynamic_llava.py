@@ -1,0 +1,268 @@
+"""What Dynamic-LLaVA sparsifies in a call, and the state of one forward's tokens around `sparse_layer`.
+
+Shared by the inference decisions (`inference_dynamic_llava.py`), the training decisions (`training_dynamic_llava.py`)
+and the decoder loop (`modeling_dynamic_llava.py`). Part of the remote-code bundle: imports only torch, transformers
+and its sibling files.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache_dynamic_llava import KeyLayout
+from .configuration_dynamic_llava import check_keep_rate, check_non_negative_int, check_vision_selector
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-call sparsification settings
+
+
+@dataclass(frozen=True)
+class SparsitySettings:
+    """What a forward/generate call sparsifies. Pass `sparsity=` to `forward` or `generate` to override the config:
+    `False` switches everything off, a dict overrides single fields (e.g. `{"vision_keep_rate": 0.5}`).
+
+    `vision_selector` picks how image tokens are kept when `use_vision_predictor` is on: `"learned"` (the image
+    predictor), `"random"` (seeded by `vision_selector_seed`) or `"fastv"` (attention received at `sparse_layer`); see
+    [`DynamicLlavaModel.image_token_scores`]. Only `"learned"` needs the image predictor."""
+
+    use_vision_predictor: bool
+    vision_keep_rate: float
+    use_output_text_predictor: bool
+    use_instruct_predictor: bool
+    vision_selector: str = "learned"
+    vision_selector_seed: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> "SparsitySettings":
+        return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)})
+
+    @classmethod
+    def off(cls) -> "SparsitySettings":
+        return cls(False, 1.0, False, False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.use_vision_predictor or self.use_output_text_predictor or self.use_instruct_predictor
+
+
+def resolve_sparsity(model, sparsity) -> SparsitySettings:
+    """Turns the `sparsity` argument into settings, checking that the predictors it needs exist."""
+    if sparsity is None or sparsity is True:
+        settings = SparsitySettings.from_config(model.config)
+    elif sparsity is False:
+        return SparsitySettings.off()
+    elif isinstance(sparsity, SparsitySettings):
+        settings = sparsity
+    elif isinstance(sparsity, dict):
+        known = {field.name for field in dataclasses.fields(SparsitySettings)}
+        unknown = set(sparsity) - known
+        if unknown:
+            raise ValueError(f"Unknown sparsity setting(s) {sorted(unknown)}; valid ones are {sorted(known)}")
+        settings = dataclasses.replace(SparsitySettings.from_config(model.config), **sparsity)
+    else:
+        raise TypeError(
+            f"sparsity must be None, True, False, a dict or a SparsitySettings, got {type(sparsity).__name__}"
+        )
+    check_keep_rate("vision_keep_rate", settings.vision_keep_rate)
+    check_vision_selector(settings.vision_selector)
+    check_non_negative_int("vision_selector_seed", settings.vision_selector_seed)
+    for flag, module in (
+        ("use_vision_predictor", "image_score_predictor"),
+        ("use_output_text_predictor", "output_text_score_predictor"),
+        ("use_instruct_predictor", "instruct_score_predictor"),
+    ):
+        needed = getattr(settings, flag) and (flag != "use_vision_predictor" or settings.vision_selector == "learned")
+        if needed and getattr(model, module) is None:
+            hint = ' (or pick vision_selector="random" or "fastv")' if module == "image_score_predictor" else ""
+            raise ValueError(
+                f"{flag}=True needs the {module}, which this model does not have: it was built with "
+                f"config.{flag}=False. Rebuild/convert the model with the predictor to use it{hint}."
+            )
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tokens of one forward
+
+
+@dataclass
+class SparseLayerPlan:
+    """What happens to the current tokens at `sparse_layer`, as the predictors decide it.
+
+    `removed`: physically dropped from the layers `>= sparse_layer` in this forward. `unstored`: computed in this
+    forward but not stored in those layers' cache (a later turn's pruned text, a generated token the output-text
+    predictor dropped).
+    """
+
+    valid: torch.Tensor
+    removed: torch.Tensor
+    unstored: torch.Tensor
+    removes_tokens: bool = False  # some decision removes tokens, so the later layers run on a gathered sequence
+    kept_image_token_indices: list[torch.LongTensor] | None = None
+    output_keep_decisions: torch.Tensor | None = None
+
+    @classmethod
+    def keep_all(cls, valid: torch.Tensor) -> "SparseLayerPlan":
+        return cls(valid=valid, removed=torch.zeros_like(valid), unstored=torch.zeros_like(valid))
+
+    def remove(self, tokens: torch.Tensor) -> None:
+        self.removed = self.removed | tokens
+        self.removes_tokens = True
+
+    def skip_storing(self, tokens: torch.Tensor) -> None:
+        self.unstored = self.unstored | tokens
+
+    @property
+    def persist(self) -> torch.Tensor:
+        """`[batch, new_tokens]`: tokens whose K/V the layers `>= sparse_layer` store for later steps."""
+        return self.valid & ~self.removed & ~self.unstored
+
+    @property
+    def keep_computing(self) -> torch.Tensor | None:
+        """`[batch, new_tokens]`: tokens that continue into the layers `>= sparse_layer` (None: all of them)."""
+        if not self.removes_tokens:
+            return None
+        keep = self.valid & ~self.removed
+        keep[:, -1] = True  # the last token's logits are always needed
+        return keep
+
+
+def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`states[b, index[b, i]]` for `[batch, seq, dim]` states."""
+    return torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
+
+
+def scatter_tokens(
+    states: torch.Tensor, index: torch.Tensor | None, slot_valid: torch.Tensor | None, length: int
+) -> torch.Tensor:
+    """Inverse of `gather_tokens` onto `length` positions; positions nothing was gathered from get zeros."""
+    if index is None:
+        return states
+    states = states.masked_fill(~slot_valid[..., None], 0)
+    out = states.new_zeros(states.shape[0], length, states.shape[-1])
+    return out.scatter(1, index[..., None].expand(-1, -1, states.shape[-1]), states)
+
+
+def image_token_coordinates(
+    image_mask: torch.Tensor, tokens_per_image: int
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Row and column of every image's tokens, images in row order then position order: two
+    `[num_images, tokens_per_image]` tensors."""
+    coordinates = image_mask.nonzero()
+    return coordinates[:, 0].view(-1, tokens_per_image), coordinates[:, 1].view(-1, tokens_per_image)
+
+
+@dataclass
+class DecoderStep:
+    """The tokens of one forward on their way through the decoder layers.
+
+    What the input is: `valid` (`[batch, new_tokens]`, not padding), `past_seen` (tokens already in the cache),
+    `num_generated_tokens` (without a cache: trailing inputs that are model outputs), and, once the images are merged,
+    `image_mask` (their placeholders) and `tokens_per_image` (None without images).
+
+    Where the tokens are: until `sparse_layer` every input position has a slot. `apply(plan)` then keeps only the
+    tokens the later layers compute, left-aligned in their original order (`gather_index` holds each slot's input
+    position). `visible` marks the slots later tokens may attend to, `persist` those whose K/V the cache stores.
+    """
+
+    valid: torch.Tensor
+    past_seen: int
+    num_generated_tokens: int
+    hidden_states: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    image_mask: torch.Tensor | None = None
+    tokens_per_image: int | None = None
+    all_hidden_states: list[torch.Tensor] | None = None
+    gather_index: torch.Tensor | None = None
+    visible: torch.Tensor = field(init=False)
+    persist: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        if self.image_mask is None:
+            self.image_mask = torch.zeros_like(self.valid)
+        self.visible = self.persist = self.valid
+
+    @property
+    def num_new(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def decoding(self) -> bool:
+        """One new token after a cached prefix."""
+        return self.num_new == 1 and self.past_seen > 0
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        """`[batch, new_tokens]`: the valid tokens that are not generated outputs (those trail the prompt)."""
+        columns = torch.arange(self.num_new, device=self.valid.device)
+        return self.valid & (columns < self.num_new - self.num_generated_tokens)
+
+    def apply(self, plan: SparseLayerPlan) -> None:
+        """Takes the sparse layer's decisions: what the cache stores and, if tokens are removed, which slots remain."""
+        self.persist = plan.persist
+        keep = plan.keep_computing
+        if keep is None:
+            return
+        kept_counts = keep.sum(-1)
+        width = int(kept_counts.max())
+        # Kept tokens first, in their original order (a stable sort of "removed" flags).
+        self.gather_index = torch.sort(~keep, dim=-1, stable=True).indices[:, :width]
+        self.visible = torch.arange(width, device=keep.device)[None] < kept_counts[:, None]
+        self.persist = torch.gather(self.persist, 1, self.gather_index) & self.visible
+        self.hidden_states = gather_tokens(self.hidden_states, self.gather_index)
+        cos, sin = self.position_embeddings
+        self.position_embeddings = (gather_tokens(cos, self.gather_index), gather_tokens(sin, self.gather_index))
+
+    def scatter(self, states: torch.Tensor) -> torch.Tensor:
+        """`states` of the slots back at the input positions; removed positions get zeros."""
+        return scatter_tokens(states, self.gather_index, self.visible, self.num_new)
+
+    def record_hidden_states(self) -> None:
+        if self.all_hidden_states is not None:
+            self.all_hidden_states.append(self.scatter(self.hidden_states))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention masks built from the cache layout (transformers' mask helpers cannot express a ragged cache)
+
+
+def build_attention_mask(
+    attn_implementation: str, layout: KeyLayout, visible: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Mask for one group of layers.
+
+    A query attends to its row's stored entries, to earlier current tokens that are `visible` (not padding, not
+    removed), and always to itself. Returns a bool `[B, 1, q, kv]` mask for sdpa, an additive float one for eager, a
+    2D key mask for flash attention (which applies causality itself), or None where none is needed.
+    """
+    batch, num_new = visible.shape
+    device = visible.device
+    flash = attn_implementation.startswith("flash_attention")
+
+    if layout.in_place:
+        if layout.uniform:
+            return None
+        columns = torch.arange(layout.past_width + 1, device=device)
+        key_valid = columns[None, :] <= layout.lengths.to(device)[:, None]
+        if flash:
+            return key_valid
+        mask = key_valid[:, None, None, :]
+    else:
+        past_valid = torch.ones(batch, 0, dtype=torch.bool, device=device)
+        if layout.past_width > 0:
+            columns = torch.arange(layout.past_width, device=device)
+            past_valid = columns[None, :] < layout.lengths.to(device)[:, None]
+        everything_valid = (layout.past_width == 0 or layout.uniform) and bool(visible.all())
+        if flash:
+            return None if everything_valid else torch.cat([past_valid, visible], dim=-1)
+        if everything_valid and layout.past_width == 0 and attn_implementation == "sdpa":
+            return None  # sdpa then runs with is_causal=True
+        causal = torch.ones(num_new, num_new, dtype=torch.bool, device=device).tril()
+        current = (causal[None] & visible[:, None, :]) | torch.eye(num_new, dtype=torch.bool, device=device)[None]
+        mask = torch.cat([past_valid[:, None, :].expand(batch, num_new, -1), current], dim=-1)[:, None]
+
+    if attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
