@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser
 
-from dynamic_llava_hf.data import LlavaConversationDataset, LlavaDataCollator
-from dynamic_llava_hf.training import DynamicLlavaTrainer, DynamicLlavaTrainingArguments
+from dynamic_llava_hf.train.data import LlavaConversationDataset, LlavaDataCollator
+from dynamic_llava_hf.train.trainer import DynamicLlavaTrainer, DynamicLlavaTrainingArguments
 
 
 @dataclass

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dynamic_llava_hf.benchmark import (
+from dynamic_llava_hf.bench import (
     PRESETS,
     BenchSettings,
     build_models,

@@ -5,8 +5,8 @@ import torch
 from tiny_models import build_prompts, llava_twin, tiny_config, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynamic_llava_hf.benchmark import PRESETS
-from dynamic_llava_hf.flops import (
+from dynamic_llava_hf.bench import PRESETS
+from dynamic_llava_hf.bench.flops import (
     ModelShape,
     cached_decode_flops,
     decoder_flops,

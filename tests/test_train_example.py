@@ -13,7 +13,7 @@ PIL = pytest.importorskip("PIL.Image")
 
 from dynamic_llava_hf.processing import build_processor
 
-from dynamic_llava_hf.data import LlavaConversationDataset, LlavaDataCollator, to_chat_messages
+from dynamic_llava_hf.train.data import LlavaConversationDataset, LlavaDataCollator, to_chat_messages
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 WORDS = [

@@ -10,7 +10,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dynamic_llava_hf import modeling_dynamic_llava
-from dynamic_llava_hf.training import (
+from dynamic_llava_hf.train.trainer import (
     DynamicLlavaTrainer,
     DynamicLlavaTrainingArguments,
     GumbelTemperatureCallback,

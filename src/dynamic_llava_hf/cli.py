@@ -138,7 +138,7 @@ def add_bench_command(commands) -> None:
 
 
 def run_bench(args) -> int:
-    from .benchmark import BenchSettings, analytic_results, markdown_report, run_benchmark, write_outputs
+    from .bench import BenchSettings, analytic_results, markdown_report, run_benchmark, write_outputs
 
     settings = BenchSettings(
         preset=args.preset,

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import LlavaDataCollator, tokenize_conversation
+from .train.data import LlavaDataCollator, tokenize_conversation
 from .demo_model import build_demo_processor, demo_config, demo_generation_config
 from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from .synthetic import COLORS, IMAGE_SIZE, LONG_KINDS, PATCH_SIZE, SHAPES, SHORT_KINDS, SIZES, make_sample
-from .training import DynamicLlavaTrainer, DynamicLlavaTrainingArguments
+from .train.trainer import DynamicLlavaTrainer, DynamicLlavaTrainingArguments
 
 
 TRAIN_SEED = 1  # evaluation and the CI fixture use other seeds

@@ -1,0 +1,223 @@
+"""The shapes `dynamic-llava bench` measures (`PRESETS`) and the settings of one run (`BenchSettings`)."""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+)
+
+from ..configuration_dynamic_llava import DynamicLlavaConfig
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    """A model shape to benchmark and the prompt it is fed (text tokens around one image)."""
+
+    name: str
+    description: str
+    text_config: dict
+    vision_config: dict
+    predictor_config: dict
+    image_token_index: int
+    text_tokens_before_image: int  # BOS included
+    text_tokens_after_image: int
+
+    def config(self, vision_keep_rate: float | None = None) -> DynamicLlavaConfig:
+        vision = CLIPVisionConfig(**self.vision_config)
+        overrides = {} if vision_keep_rate is None else {"vision_keep_rate": vision_keep_rate}
+        return DynamicLlavaConfig(
+            text_config=LlamaConfig(**self.text_config),
+            vision_config=vision,
+            image_token_index=self.image_token_index,
+            image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+            **self.predictor_config,
+            **overrides,
+        )
+
+    @property
+    def num_text_tokens(self) -> int:
+        return self.text_tokens_before_image + self.text_tokens_after_image
+
+
+LLAVA_VOCAB = 32064  # llava-1.5-hf: 32000 LLaMA tokens + <image> + <pad>, padded to a multiple of 64
+CLIP_VIT_L_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+}
+OFFICIAL_PREDICTORS = {
+    "predictor_d_model": 512,
+    "predictor_num_heads": 8,
+    "predictor_ffn_dim": 2048,
+    "predictor_num_layers": 2,
+}
+
+
+def _llama(hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int, vocab_size: int) -> dict:
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_heads,
+        "max_position_embeddings": 8192,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def _cpu_7b_topology() -> BenchPreset:
+    hidden_size = 256
+    # LLaVA-1.5-7B's structure at width 256: 32 layers, MHA with 7B's head size (128, so 2 heads), SiLU-gated MLP at
+    # 7B's intermediate/hidden ratio (11008/4096), real vocabulary. Predictors scaled with the width: d_model =
+    # hidden/8 (512 at 4096), ffn = 4 × d_model (2048/512), 2 blocks, and one head of 32 (the official heads are 64
+    # wide; narrower heads only slow the kernel down). A cheap CLIP-style tower (2 layers of width 64) still turns a
+    # 336 px image into 24 × 24 = 576 patch tokens.
+    d_model = hidden_size // 8
+    return BenchPreset(
+        name="cpu-7b-topology",
+        description=(
+            "LLaVA-1.5-7B layer structure at width 256 (32 layers, MHA, 2 heads of 128, SiLU-gated MLP 688 = "
+            "256 x 11008/4096, vocab 32064), 576 image tokens from a cheap 2-layer CLIP-style tower (width 64, "
+            "336 px / 14 px patches), 40 prompt tokens, predictors at d_model 32 / ffn 128 / 1 head"
+        ),
+        text_config=_llama(hidden_size, hidden_size * 11008 // 4096, 32, 2, LLAVA_VOCAB),
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 336,
+            "patch_size": 14,
+        },
+        predictor_config={
+            "predictor_d_model": d_model,
+            "predictor_num_heads": 1,
+            "predictor_ffn_dim": 4 * d_model,
+            "predictor_num_layers": 2,
+        },
+        image_token_index=32000,
+        text_tokens_before_image=35,
+        text_tokens_after_image=5,
+    )
+
+
+PRESETS: dict[str, BenchPreset] = {
+    "tiny": BenchPreset(
+        name="tiny",
+        description="4-layer width-64 model, 36 image tokens (84 px / 14 px), 10 prompt tokens: a smoke test",
+        text_config=_llama(64, 172, 4, 4, 1000),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 84,
+            "patch_size": 14,
+        },
+        predictor_config={
+            "predictor_d_model": 16,
+            "predictor_num_heads": 2,
+            "predictor_ffn_dim": 64,
+            "predictor_num_layers": 2,
+        },
+        image_token_index=999,
+        text_tokens_before_image=6,
+        text_tokens_after_image=4,
+    ),
+    "cpu-7b-topology": _cpu_7b_topology(),
+    "llava-1.5-7b": BenchPreset(
+        name="llava-1.5-7b",
+        description="LLaVA-1.5-7B shapes (Vicuna-7B + CLIP ViT-L/14-336), random weights; needs a GPU (14 GB bf16)",
+        text_config=_llama(4096, 11008, 32, 32, LLAVA_VOCAB),
+        vision_config=CLIP_VIT_L_336,
+        predictor_config=OFFICIAL_PREDICTORS,
+        image_token_index=32000,
+        text_tokens_before_image=35,
+        text_tokens_after_image=5,
+    ),
+    "llava-1.5-13b": BenchPreset(
+        name="llava-1.5-13b",
+        description="LLaVA-1.5-13B shapes (Vicuna-13B + CLIP ViT-L/14-336), random weights; needs a GPU (27 GB bf16)",
+        text_config=_llama(5120, 13824, 40, 40, LLAVA_VOCAB),
+        vision_config=CLIP_VIT_L_336,
+        predictor_config=OFFICIAL_PREDICTORS,
+        image_token_index=32000,
+        text_tokens_before_image=35,
+        text_tokens_after_image=5,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class BenchSettings:
+    """What `run_benchmark` measures. Empty batch-size/keep-rate tuples skip that part."""
+
+    preset: str = "tiny"
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    attn_implementation: str = "sdpa"
+    prefill_batch_sizes: tuple[int, ...] = (1, 8)
+    decode_batch_sizes: tuple[int, ...] = (1, 8, 32)
+    new_tokens: tuple[int, ...] | None = None  # None: (256, 1024), plus 4096 on cuda
+    repeats: int = 5
+    warmup: int = 1
+    decode_repeats: int = 1
+    vision_keep_rate: float | None = None  # None: the config default (0.2)
+    output_keep_rate: float = 0.5
+    sweep_keep_rates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    sweep_batch_size: int = 1
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"Unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+        for name in ("prefill_batch_sizes", "decode_batch_sizes", "new_tokens"):
+            values = getattr(self, name) or ()
+            if any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name} must be positive integers, got {values}")
+        if any(v < 2 for v in self.new_tokens or ()):
+            raise ValueError(
+                f"new_tokens must be >= 2 (the first token comes from the prefill), got {self.new_tokens}"
+            )
+        for name in ("repeats", "decode_repeats", "sweep_batch_size", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        rates = [self.output_keep_rate, *self.sweep_keep_rates]
+        if self.vision_keep_rate is not None:
+            rates.append(self.vision_keep_rate)
+        if any(not 0.0 < r <= 1.0 for r in rates):
+            raise ValueError(f"keep rates must lie in (0, 1], got {rates}")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_and_dtype(settings: BenchSettings) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    dtype_name = settings.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return device, DTYPES[dtype_name]
