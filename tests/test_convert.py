@@ -30,7 +30,7 @@ from dynamic_llava_hf import (
     convert_original_checkpoint,
 )
 from dynamic_llava_hf.cli import main
-from dynamic_llava_hf.convert_dynamic_llava import model_card_template, verify_saved_weights
+from dynamic_llava_hf.convert import model_card_template, verify_saved_weights
 from dynamic_llava_hf.modeling_dynamic_llava import REMOTE_CODE_FILES
 from dynamic_llava_hf.reference_check import REFERENCE_SCENARIOS
 

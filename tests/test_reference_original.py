@@ -7,7 +7,7 @@ on it (batch size 1, float32, sdpa). It is loaded here through our converter.
 import pytest
 import torch
 
-from dynamic_llava_hf.convert_dynamic_llava import load_original_checkpoint
+from dynamic_llava_hf.convert import load_original_checkpoint
 from dynamic_llava_hf.reference_check import REFERENCE_SCENARIOS as SCENARIOS
 from dynamic_llava_hf.reference_check import reference_input_ids
 

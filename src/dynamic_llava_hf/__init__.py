@@ -24,11 +24,11 @@ __version__ = "0.1.0"
 # Conversion and processor helpers pull in the tokenizer and image-processing stacks; they load on first access so that
 # `import dynamic_llava_hf` stays as light as the model itself.
 _LAZY_EXPORTS = {
-    "CheckpointError": "convert_dynamic_llava",
-    "ConversionResult": "convert_dynamic_llava",
-    "convert_llava_hf_checkpoint": "convert_dynamic_llava",
-    "convert_original_checkpoint": "convert_dynamic_llava",
-    "load_original_checkpoint": "convert_dynamic_llava",
+    "CheckpointError": "convert",
+    "ConversionResult": "convert",
+    "convert_llava_hf_checkpoint": "convert",
+    "convert_original_checkpoint": "convert",
+    "load_original_checkpoint": "convert",
     "VICUNA_V1_CHAT_TEMPLATE": "processing",
     "add_llava_special_tokens": "processing",
     "build_image_processor": "processing",

@@ -65,7 +65,7 @@ def add_convert_command(commands) -> None:
 
 
 def run_convert(args) -> int:
-    from .convert_dynamic_llava import CheckpointError, convert_llava_hf_checkpoint, convert_original_checkpoint
+    from .convert import CheckpointError, convert_llava_hf_checkpoint, convert_original_checkpoint
 
     overrides = {name: getattr(args, name) for name, _ in SPARSE_OPTIONS if getattr(args, name) is not None}
     common = {

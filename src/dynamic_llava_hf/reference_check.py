@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from .convert_dynamic_llava import load_original_checkpoint
+from .convert import load_original_checkpoint
 
 
 # The reference's scenarios: name -> (per-call sparsity, config overrides used when converting the checkpoint).

@@ -1,0 +1,279 @@
+"""The shared writer: build the model from converted tensors, write it with processor and model card into a staged
+folder, verify every tensor, move it into place."""
+
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from ..configuration_dynamic_llava import DynamicLlavaConfig
+from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+from ..processing import (
+    LlavaSpecialTokens,
+)
+from .reading import CheckpointError, iter_weights
+
+# The predictor sub-modules and the config flags that switch them on.
+PREDICTORS = {
+    "image_score_predictor": "use_vision_predictor",
+    "output_text_score_predictor": "use_output_text_predictor",
+    "instruct_score_predictor": "use_instruct_predictor",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building, writing and verifying the output
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What a conversion wrote."""
+
+    dst: str
+    num_tensors: int
+    new_keys: tuple[str, ...]  # freshly initialised tensors (the predictors of a llava-hf source)
+    processor_written: bool
+    special_tokens: LlavaSpecialTokens | None
+
+
+def build_model(
+    config: DynamicLlavaConfig,
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype | None,
+    fresh_modules: tuple[str, ...] = (),
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[DynamicLlavaForConditionalGeneration, tuple[str, ...]]:
+    """The model holding the tensors of `state_dict` (consumed; no copy unless cast to `dtype`: the model is built on
+    the meta device and the tensors assigned), with `fresh_modules` initialised like `from_pretrained` initialises
+    missing weights (`_init_weights`, seeded). Returns it and the keys that were initialised. Any other missing or
+    unexpected key is an error."""
+    with torch.device("meta"):
+        model = DynamicLlavaForConditionalGeneration(config)
+    new_keys = tuple(key for key in model.state_dict() if key.split(".")[1] in fresh_modules)
+    missing = set(model.state_dict()) - set(state_dict) - set(new_keys)
+    if config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+        state_dict.pop("lm_head.weight", None)
+    unexpected = set(state_dict) - set(model.state_dict())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The checkpoint does not match the model: missing {sorted(missing)[:10]}, "
+            f"unexpected {sorted(unexpected)[:10]}"
+        )
+    shapes = model.state_dict()
+    converted = {}
+    for key in tqdm(list(state_dict), desc="Converting", unit="tensor", disable=not progress):
+        tensor = state_dict.pop(key)  # the source tensor is released as soon as it is cast
+        if tensor.shape != shapes[key].shape:
+            raise CheckpointError(f"{key} has shape {list(tensor.shape)}, the config needs {list(shapes[key].shape)}")
+        converted[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    model.load_state_dict(converted, strict=False, assign=True)
+
+    if fresh_modules:
+        fresh_dtype = dtype or converted["model.language_model.embed_tokens.weight"].dtype
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for name in fresh_modules:
+                module = model.model.get_submodule(name)
+                module.to_empty(device="cpu")
+                module.apply(model._init_weights)
+                module.to(fresh_dtype)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    still_meta = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if still_meta:
+        raise CheckpointError(f"No weights for {still_meta[:10]}")
+    return model, new_keys
+
+
+def verify_saved_weights(model, folder: str, progress: bool = False) -> int:
+    """Re-reads every written tensor (one at a time) and compares it bit for bit with the model's; returns the number
+    of tensors. Raises `RuntimeError` naming the first difference."""
+    expected = model.state_dict()
+    seen = set()
+    for key, tensor in iter_weights(folder, progress=progress, description="Verifying"):
+        if key not in expected or key in seen:
+            raise RuntimeError(f"Verification of {folder} failed: unexpected or repeated tensor {key}")
+        if tensor.dtype != expected[key].dtype or not torch.equal(tensor, expected[key]):
+            raise RuntimeError(f"Verification of {folder} failed: {key} differs from the converted tensor")
+        seen.add(key)
+    unwritten = set(expected) - seen
+    if model.config.tie_word_embeddings:
+        unwritten.discard("lm_head.weight")
+    if unwritten:
+        raise RuntimeError(f"Verification of {folder} failed: not written {sorted(unwritten)[:10]}")
+    return len(seen)
+
+
+def check_destination(src: str, dst: str, force: bool) -> None:
+    source, target = os.path.realpath(src), os.path.realpath(dst)
+    if source == target or target.startswith(source + os.sep) or source.startswith(target + os.sep):
+        raise ValueError(f"The destination {dst} must be outside the source {src} (and not contain it)")
+    if os.path.lexists(dst) and not force:
+        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+
+
+@contextmanager
+def staged_folder(dst: str, force: bool):
+    """Yields a temporary folder next to `dst` that becomes `dst` when the block succeeds (an existing `dst` is
+    replaced only then, and only with `force`); on any error the temporary folder is removed and `dst` untouched."""
+    dst = os.path.abspath(dst)
+    parent, name = os.path.split(dst)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.converting-", dir=parent)
+    try:
+        yield staging
+        if os.path.lexists(dst):
+            if not force:
+                raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+            retired = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+            os.rename(dst, os.path.join(retired, name))
+            try:
+                os.rename(staging, dst)
+            except BaseException:
+                os.rename(os.path.join(retired, name), dst)
+                raise
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, dst)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model card
+
+MODEL_CARD_FIELD = re.compile(r"\{\{ (\w+) \}\}")
+
+
+def model_card_template() -> str:
+    """The MODEL_CARD.md template shipped inside the package (a copy of the repository's MODEL_CARD.md)."""
+    return resources.files("dynamic_llava_hf").joinpath("MODEL_CARD.md").read_text(encoding="utf-8")
+
+
+def render_model_card(values: dict[str, str]) -> str:
+    """The template with every `{{ field }}` replaced; a field without a value is an error."""
+
+    def fill(match):
+        if match.group(1) not in values:
+            raise KeyError(f"The model card template needs a value for {match.group(1)!r}")
+        return str(values[match.group(1)])
+
+    return MODEL_CARD_FIELD.sub(fill, model_card_template())
+
+
+def model_card_values(
+    config: DynamicLlavaConfig,
+    dst: str,
+    source_description: str,
+    command: str,
+    base_model: str | None,
+    license: str | None,
+    model_id: str | None,
+    processor_written: bool,
+    untrained_predictors: bool,
+) -> dict[str, str]:
+    from .. import __version__
+
+    tokens = config.image_seq_length
+    settings = [
+        ("sparse_layer", config.sparse_layer, "decoder layer at whose input tokens are pruned"),
+        ("use_vision_predictor", config.use_vision_predictor, "prune image tokens at prefill"),
+        (
+            "vision_keep_rate",
+            config.vision_keep_rate,
+            f"{int(tokens * config.vision_keep_rate)} of {tokens} image tokens kept per image",
+        ),
+        (
+            "use_output_text_predictor",
+            config.use_output_text_predictor,
+            "drop generated tokens' KV in layers >= sparse_layer",
+        ),
+        ("use_instruct_predictor", config.use_instruct_predictor, "prune the prompt text after the image"),
+    ]
+    notes = []
+    if untrained_predictors:
+        notes.append(
+            "> **The predictors of this checkpoint are freshly initialised, not trained.** It is a starting point for "
+            "Dynamic-LLaVA training; until then, use it with `sparsity=False` (identical to the source model)."
+        )
+    if not processor_written:
+        notes.append(
+            "> The source had no tokenizer, so this folder has no processor files: add a LLaVA-1.5 tokenizer with "
+            "`dynamic_llava_hf.add_llava_special_tokens` and save `dynamic_llava_hf.build_processor(tokenizer)` "
+            "here before running the examples below."
+        )
+    return {
+        "license": license or "other",
+        "base_model_line": f"base_model: {base_model}" if base_model else "# base_model: set the Hub id of the source",
+        "model_name": os.path.basename(os.path.abspath(dst)),
+        "source_description": source_description,
+        "conversion_command": command,
+        "notes": "\n\n".join(notes),
+        "sparse_settings": "\n".join(f"| `{name}` | {value} | {meaning} |" for name, value, meaning in settings),
+        "image_size": str(config.vision_config.image_size),
+        "image_tokens": str(tokens),
+        "model_id": model_id or dst,
+        "package_version": __version__,
+        "transformers_version": transformers.__version__,
+    }
+
+
+def cli_command(kind: str, src: str, dst: str, options: dict) -> str:
+    """The `dynamic-llava convert` command equivalent to a Python call (for the model card)."""
+    words = ["dynamic-llava", "convert", kind, src, dst]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def write_output(model, dst: str, force: bool, processor, card_values: dict[str, str], progress: bool) -> int:
+    """Writes model, processor (an object with `save_pretrained`, or files to copy) and model card; verifies."""
+    with staged_folder(dst, force) as staging:
+        bars_enabled = transformers.utils.logging.is_progress_bar_enabled()
+        if not progress:  # transformers' own "Writing model shards" bar
+            transformers.utils.logging.disable_progress_bar()
+        try:
+            model.save_pretrained(staging, max_shard_size="5GB")
+        finally:
+            if bars_enabled:
+                transformers.utils.logging.enable_progress_bar()
+        if isinstance(processor, list):
+            for path in processor:
+                shutil.copy2(path, staging)
+        elif processor is not None:
+            processor.save_pretrained(staging)
+        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(render_model_card(card_values))
+        return verify_saved_weights(model, staging, progress)
+
+
+def generation_config_for(src: str, config: DynamicLlavaConfig, suppress_tokens: list[int], pad_token_id=None):
+    if os.path.isfile(os.path.join(src, "generation_config.json")):
+        generation_config = GenerationConfig.from_pretrained(src)
+    else:
+        generation_config = GenerationConfig.from_model_config(config)
+    # A generated image placeholder (or a padding row) would break the next step; those ids are never sampled.
+    generation_config.suppress_tokens = sorted(set(generation_config.suppress_tokens or []) | set(suppress_tokens))
+    if pad_token_id is not None:
+        generation_config.pad_token_id = pad_token_id
+    return generation_config
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
