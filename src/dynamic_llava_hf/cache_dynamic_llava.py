@@ -32,7 +32,7 @@ Host synchronisations (GPU -> CPU reads), all of them:
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 
 FULL_GROUP = 0
@@ -372,4 +372,20 @@ class DynamicLlavaCache(Cache):
         return report
 
 
-__all__ = ["DynamicLlavaCache", "DynamicLlavaLayer", "KeyLayout"]
+def cache_for_forward(past_key_values, config, use_cache: bool) -> DynamicLlavaCache | None:
+    """The cache a forward reads and fills: the one passed, a new one when none is (or an empty default `DynamicCache`,
+    as `generate()` creates), or None without `use_cache`. Other caches cannot hold a ragged history: refused."""
+    if past_key_values is None:
+        return DynamicLlavaCache(config) if use_cache else None
+    if hasattr(past_key_values, "begin_step"):  # duck-typed: remote code loads the cache class separately
+        return past_key_values
+    if type(past_key_values) is DynamicCache and past_key_values.get_seq_length() == 0:
+        return DynamicLlavaCache(config)
+    raise TypeError(
+        f"Dynamic-LLaVA needs a DynamicLlavaCache (it stores a different set of tokens per layer and row), got "
+        f"{type(past_key_values).__name__}. Static, quantized and offloaded caches are not supported; pass no "
+        "cache or an empty DynamicCache and one is created."
+    )
+
+
+__all__ = ["DynamicLlavaCache", "DynamicLlavaLayer", "KeyLayout", "cache_for_forward"]

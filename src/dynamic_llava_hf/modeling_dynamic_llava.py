@@ -28,7 +28,7 @@ from transformers.models.llava.modeling_llava import (
 )
 from transformers.utils import logging
 
-from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache, KeyLayout
+from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache, KeyLayout, cache_for_forward
 from .configuration_dynamic_llava import DynamicLlavaConfig
 from .inference_dynamic_llava import InferenceDecisionsMixin
 from .predictors_dynamic_llava import DynamicLlavaImagePredictor, DynamicLlavaTextPredictor
@@ -117,8 +117,7 @@ REMOTE_CODE_AUTO_MAP = {
     "AutoModel": "modeling_dynamic_llava.DynamicLlavaModel",
     "AutoModelForImageTextToText": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
 }
-# The files of that remote code: this one and every file it imports (relatively, and flat: transformers copies them
-# next to the weights and loads them as one folder).
+# That remote code: this file and every file it imports (flat: transformers copies them next to the weights).
 REMOTE_CODE_FILES = (
     "configuration_dynamic_llava.py",
     "modeling_dynamic_llava.py",
@@ -257,17 +256,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         """The cache this forward reads and fills (None: none), and the resolved `use_cache`."""
         if use_cache is None:
             use_cache = self.config.text_config.use_cache and not self.training
-        if past_key_values is None:
-            return (DynamicLlavaCache(self.config) if use_cache else None), use_cache
-        if hasattr(past_key_values, "begin_step"):  # duck-typed: remote code loads the cache class separately
-            return past_key_values, use_cache
-        if type(past_key_values) is DynamicCache and past_key_values.get_seq_length() == 0:
-            return DynamicLlavaCache(self.config), use_cache  # an empty default cache, e.g. created by generate()
-        raise TypeError(
-            f"Dynamic-LLaVA needs a DynamicLlavaCache (it stores a different set of tokens per layer and row), got "
-            f"{type(past_key_values).__name__}. Static, quantized and offloaded caches are not supported; pass no "
-            "cache or an empty DynamicCache and one is created."
-        )
+        return cache_for_forward(past_key_values, self.config, use_cache), use_cache
 
     # -----------------------------------------------------------------------------------------------------------------
     # Phases of the forward
