@@ -1,0 +1,129 @@
+"""DynamicLlavaCache driven through its step protocol directly (begin_step, the layers' update, end_step), no model."""
+
+import pytest
+import torch
+
+from dynamic_llava_hf.cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache, KeyLayout
+
+
+NUM_LAYERS, SPARSE_LAYER = 3, 1  # layer 0 is the full group, layers 1 and 2 the sparse group
+HEADS, HEAD_DIM = 2, 4
+
+
+def new_cache() -> DynamicLlavaCache:
+    return DynamicLlavaCache(num_hidden_layers=NUM_LAYERS, sparse_layer=SPARSE_LAYER)
+
+
+def token_states(values: torch.Tensor) -> torch.Tensor:
+    """`[batch, new]` ids -> `[batch, heads, new, head_dim]` states holding the id, so stored slots are readable."""
+    return values.float()[:, None, :, None].expand(-1, HEADS, -1, HEAD_DIM).contiguous()
+
+
+def step(cache, ids: torch.Tensor, persist_full: torch.Tensor, persist_sparse: torch.Tensor):
+    """One forward: both groups planned, every layer updated with `ids`; returns the layouts and what layer 0 and the
+    last layer attended to (their keys' first channel)."""
+    layouts = (cache.begin_step(FULL_GROUP, persist_full), cache.begin_step(SPARSE_GROUP, persist_sparse))
+    attended = []
+    for layer in range(NUM_LAYERS):
+        keys, _ = cache.update(token_states(ids), token_states(ids), layer)
+        attended.append(keys[:, 0, :, 0])
+    cache.end_step(ids.shape[1])
+    return layouts, attended
+
+
+def stored(cache, layer: int, row: int) -> list[int]:
+    length = int(cache.stored_lengths()[layer, row])
+    return cache.layers[layer].keys[row, 0, :length, 0].long().tolist()
+
+
+def test_prefill_then_in_place_decoding_keeps_only_persisted_tokens():
+    cache = new_cache()
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True]])  # row 0 is left-padded
+    kept = valid & torch.tensor([[True, True, False, True], [True, False, True, True]])
+    (full, sparse), attended = step(cache, ids, valid, kept)
+
+    # An empty cache: the new tokens are all the keys there are.
+    assert full.past_width == 0 and not full.in_place and sparse.past_width == 0
+    assert torch.equal(attended[0], ids.float())
+    assert cache.get_seq_length() == 4  # original tokens seen, padding included (what generate() expects)
+    assert cache.stored_lengths().tolist() == [[3, 4], [2, 3], [2, 3]]
+    assert stored(cache, 0, 0) == [2, 3, 4] and stored(cache, 2, 0) == [2, 4] and stored(cache, 2, 1) == [5, 7, 8]
+
+    # One new token per row: written in place behind each row's entries; kept in row 1 only.
+    (full, sparse), attended = step(
+        cache, torch.tensor([[9], [10]]), torch.ones(2, 1, dtype=torch.bool), torch.tensor([[False], [True]])
+    )
+    assert full.in_place and sparse.in_place
+    assert full.lengths.tolist() == [3, 4] and full.past_width == 4 and not full.uniform
+    assert sparse.lengths.tolist() == [2, 3] and sparse.past_width == 3
+    # The last layer read the buffer up to past_width + 1: row 0's new token sits at its slot 2.
+    assert attended[-1].shape == (2, 4) and attended[-1][0, 2] == 9 and attended[-1][1, 3] == 10
+    assert cache.stored_lengths().tolist() == [[4, 5], [2, 4], [2, 4]]
+    assert stored(cache, 2, 0) == [2, 4] and stored(cache, 2, 1) == [5, 7, 8, 10]
+    assert cache.get_seq_length() == 5
+
+
+def test_several_new_tokens_are_concatenated_and_stored_compacted():
+    cache = new_cache()
+    step(cache, torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([[True, False]]))
+    # A later turn of three tokens: attention reads cat(stored, new); only persisted tokens stay, in order.
+    (full, sparse), attended = step(
+        cache, torch.tensor([[3, 4, 5]]), torch.ones(1, 3, dtype=torch.bool), torch.tensor([[False, True, True]])
+    )
+    assert not full.in_place and not sparse.in_place
+    assert attended[0].tolist() == [[1, 2, 3, 4, 5]] and attended[-1].tolist() == [[1, 3, 4, 5]]
+    assert stored(cache, 0, 0) == [1, 2, 3, 4, 5] and stored(cache, 1, 0) == [1, 4, 5]
+
+
+def test_storage_grows_geometrically():
+    cache = new_cache()
+    step(cache, torch.arange(1, 5)[None], torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool))
+    first_capacity = cache.layers[0].capacity
+    assert first_capacity >= 64  # the smallest allocation
+    for token in range(5, 5 + 2 * first_capacity):
+        ones = torch.ones(1, 1, dtype=torch.bool)
+        step(cache, torch.tensor([[token]]), ones, ones)
+    # 2 x capacity appends with x1.5 growth: two reallocations per layer, not one per step.
+    assert all(layer.growth_events == 2 for layer in cache.layers)
+    assert stored(cache, 0, 0) == list(range(1, 5 + 2 * first_capacity))
+
+
+def test_beam_reorder_and_batch_helpers_move_every_row_together():
+    cache = new_cache()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    everything = torch.ones(2, 3, dtype=torch.bool)
+    step(cache, ids, everything, torch.tensor([[True, False, False], [True, True, True]]))
+    step(cache, torch.tensor([[7], [8]]), torch.ones(2, 1, dtype=torch.bool), torch.tensor([[True], [False]]))
+    report = cache.sparsity_report()  # no image tokens were recorded; the stored bytes still differ per row
+    assert report[0]["stored_kv_bytes"] != report[1]["stored_kv_bytes"]
+
+    cache.reorder_cache(torch.tensor([1, 1]))  # beam search keeps two copies of row 1
+    assert cache.stored_lengths().tolist() == [[4, 4], [3, 3], [3, 3]]
+    assert stored(cache, 2, 0) == stored(cache, 2, 1) == [4, 5, 6]
+    # The host-side extrema follow the rows: the next step's layout is uniform again.
+    layout = cache.begin_step(SPARSE_GROUP, torch.ones(2, 1, dtype=torch.bool))
+    assert layout.uniform and layout.past_width == 3
+
+    cache = new_cache()
+    step(cache, ids, everything, torch.tensor([[True, False, False], [True, True, True]]))
+    cache.batch_repeat_interleave(2)
+    assert cache.batch_size == 4 and cache.stored_lengths()[SPARSE_LAYER].tolist() == [1, 1, 3, 3]
+    cache.batch_select_indices(torch.tensor([3, 0]))
+    assert cache.stored_lengths()[SPARSE_LAYER].tolist() == [3, 1]
+
+
+def test_protocol_errors_are_clear():
+    cache = new_cache()
+    with pytest.raises(RuntimeError, match="begin_step"):
+        cache.update(token_states(torch.ones(1, 1)), token_states(torch.ones(1, 1)), 0)
+    cache = new_cache()
+    step(cache, torch.ones(2, 2), torch.ones(2, 2, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="holds 2 rows"):
+        cache.begin_step(FULL_GROUP, torch.ones(3, 1, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(1)
+
+
+def test_empty_layout_is_the_layout_without_a_cache():
+    assert KeyLayout.empty() == KeyLayout(lengths=None, past_width=0, in_place=False, uniform=True)
