@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("src", help="source checkpoint folder")
     parser.add_argument("dst", help="output folder")
     parser.add_argument("--vision-tower", help="CLIP folder for an official checkpoint (default: mm_vision_tower)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="cast the weights")
+    parser.add_argument("--dtype", help="cast the weights: a torch dtype name (bfloat16, float16, ...) or auto (keep)")
     parser.add_argument("--vision-keep-rate", type=float, help="share of image tokens kept at prefill")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     args = parser.parse_args()

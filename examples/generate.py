@@ -14,16 +14,17 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="converted Dynamic-LLaVA folder or Hub repository id")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--question", default="What is shown in this image?")
     parser.add_argument("--trust-remote-code", action="store_true", help="use the code files saved with the weights")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (auto: as saved)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights dtype as transformers takes it: auto (as saved), bfloat16, float16, ...",
+    )
     parser.add_argument("--load-in", choices=["8bit", "4bit"], help="bitsandbytes weight quantisation of the decoder")
     parser.add_argument("--device-map", default=None, help='e.g. "auto" to spread the model over GPUs/CPU/disk')
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -48,7 +49,7 @@ def load(args):
     model = AutoModelForImageTextToText.from_pretrained(
         args.model,
         trust_remote_code=args.trust_remote_code,
-        dtype=DTYPES[args.dtype],
+        dtype=args.dtype,
         device_map=args.device_map,
         quantization_config=quantization_config,
     ).eval()

@@ -14,16 +14,17 @@ from PIL import Image
 from transformers import pipeline
 
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="converted Dynamic-LLaVA folder or Hub repository id")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--question", action="append", help="a user turn (repeat for a conversation)")
     parser.add_argument("--trust-remote-code", action="store_true", help="use the code files saved with the weights")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (auto: as saved)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights dtype as transformers takes it: auto (as saved), bfloat16, float16, ...",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--vision-keep-rate", type=float, help="override the fraction of image tokens kept")
     return parser.parse_args(argv)
@@ -40,7 +41,7 @@ def main(argv=None):
         "image-text-to-text",
         model=args.model,
         trust_remote_code=args.trust_remote_code,
-        dtype=DTYPES[args.dtype],
+        dtype=args.dtype,
         device=0 if torch.cuda.is_available() else "cpu",
     )
     # generate() arguments reach the model, including Dynamic-LLaVA's per-call sparsity override.

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_text_config, tiny_vision_config
 from tiny_processor import tiny_tokenizer
+from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -272,12 +273,10 @@ def llava_inputs():
     """Two left-padded rows with one image each (9 image tokens), for comparing logits."""
     generator = torch.Generator().manual_seed(1)
     rows = [[1, 7, 8] + [LLAVA_IMAGE_TOKEN] * 9 + [9, 10, 11], [1] + [LLAVA_IMAGE_TOKEN] * 9 + [12]]
-    length = max(map(len, rows))
-    input_ids = torch.full((2, length), LLAVA_IMAGE_TOKEN + 1)
-    attention_mask = torch.zeros(2, length, dtype=torch.long)
-    for index, row in enumerate(rows):
-        input_ids[index, length - len(row) :] = torch.tensor(row)
-        attention_mask[index, length - len(row) :] = 1
+    rows = [torch.tensor(row) for row in rows]
+    pad_token = LLAVA_IMAGE_TOKEN + 1  # <pad> comes right after <image>, as in llava-hf
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_token, padding_side="left")
+    attention_mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_side="left")
     return input_ids, attention_mask, torch.randn(2, 3, 42, 42, generator=generator)
 
 

@@ -1,6 +1,8 @@
 """Tiny random Dynamic-LLaVA models and batched inputs shared by the tests."""
 
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from dynamic_llava_hf import DynamicLlavaConfig, DynamicLlavaForConditionalGeneration
@@ -103,14 +105,13 @@ def build_prompts(rows: list[tuple[int, int, int]], pad_to: int | None = None, s
         for _ in range(images):
             ids += [IMAGE_TOKEN_ID] * 9 + torch.randint(3, IMAGE_TOKEN_ID - 1, (1,), generator=generator).tolist()
         ids += torch.randint(3, IMAGE_TOKEN_ID - 1, (after,), generator=generator).tolist()
-        sequences.append(ids)
+        sequences.append(torch.tensor(ids))
         num_images += images
-    length = max(pad_to or 0, max(len(s) for s in sequences))
-    input_ids = torch.full((len(rows), length), PAD_TOKEN_ID, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, length - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, length - len(ids) :] = 1
+    input_ids = pad_sequence(sequences, batch_first=True, padding_value=PAD_TOKEN_ID, padding_side="left")
+    attention_mask = pad_sequence([torch.ones_like(ids) for ids in sequences], batch_first=True, padding_side="left")
+    extra = max(0, (pad_to or 0) - input_ids.shape[1])  # more padding columns, up to `pad_to`
+    input_ids = F.pad(input_ids, (extra, 0), value=PAD_TOKEN_ID)
+    attention_mask = F.pad(attention_mask, (extra, 0))
     pixel_values = torch.randn(num_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     return input_ids, attention_mask, pixel_values
 

@@ -9,6 +9,7 @@ from transformers import (
 )
 
 from ..configuration_dynamic_llava import DynamicLlavaConfig
+from ..utils import torch_dtype
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Presets
@@ -169,7 +170,7 @@ class BenchSettings:
 
     preset: str = "tiny"
     device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    dtype: str | None = None  # a torch dtype name; None or "auto": bfloat16 on cuda, float32 on cpu
     attn_implementation: str = "sdpa"
     prefill_batch_sizes: tuple[int, ...] = (1, 8)
     decode_batch_sizes: tuple[int, ...] = (1, 8, 32)
@@ -188,8 +189,7 @@ class BenchSettings:
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"Unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
+        torch_dtype(self.dtype)  # raises a ValueError naming an unknown dtype
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
         for name in ("prefill_batch_sizes", "decode_batch_sizes", "new_tokens"):
@@ -212,12 +212,9 @@ class BenchSettings:
             raise ValueError(f"keep rates must lie in (0, 1], got {rates}")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_device_and_dtype(settings: BenchSettings) -> tuple[torch.device, torch.dtype]:
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
-    dtype_name = settings.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    return device, DTYPES[dtype_name]
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, torch_dtype(settings.dtype) or default

@@ -11,6 +11,7 @@ from ..configuration_dynamic_llava import DynamicLlavaConfig
 from ..processing import (
     add_llava_special_tokens,
 )
+from ..utils import dtype_name, torch_dtype
 from .reading import (
     PROCESSOR_FILES,
     CheckpointError,
@@ -19,7 +20,6 @@ from .reading import (
     load_tokenizer,
     read_json,
     read_weights,
-    resolve_dtype,
 )
 from .writer import (
     PREDICTORS,
@@ -27,7 +27,6 @@ from .writer import (
     build_model,
     check_destination,
     cli_command,
-    dtype_name,
     generation_config_for,
     model_card_values,
     write_output,
@@ -120,7 +119,7 @@ def convert_llava_hf_checkpoint(
     """
     if processor not in ("llava-1.5", "source"):
         raise ValueError(f"processor must be 'llava-1.5' or 'source', got {processor!r}")
-    dtype = resolve_dtype(dtype)
+    dtype = torch_dtype(dtype)
     check_destination(src, dst, force)
     config = llava_hf_config_to_config(src, **config_overrides)
     state_dict = llava_hf_state_dict_to_state_dict(

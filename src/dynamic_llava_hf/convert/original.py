@@ -14,6 +14,7 @@ from ..processing import (
     extend_vocab_rows,
     padded_vocab_size,
 )
+from ..utils import dtype_name, torch_dtype
 from .reading import (
     CheckpointError,
     has_tokenizer,
@@ -22,7 +23,6 @@ from .reading import (
     read_json,
     read_safetensors_folder,
     read_weights,
-    resolve_dtype,
 )
 from .writer import (
     PREDICTORS,
@@ -30,7 +30,6 @@ from .writer import (
     build_model,
     check_destination,
     cli_command,
-    dtype_name,
     generation_config_for,
     model_card_values,
     write_output,
@@ -207,13 +206,14 @@ def original_state_dict_to_state_dict(
 
 
 def load_original_checkpoint(
-    src: str, vision_tower: str | None = None, dtype: torch.dtype | None = None, **config_overrides
+    src: str, vision_tower: str | None = None, dtype: "str | torch.dtype | None" = None, **config_overrides
 ) -> DynamicLlavaForConditionalGeneration:
     """Loads an official Dynamic-LLaVA checkpoint folder into `DynamicLlavaForConditionalGeneration` (in memory).
 
     `config_overrides` set `DynamicLlavaConfig` fields, e.g. `use_instruct_predictor=True` to build the instruct
     predictor from weights a checkpoint carries while its config has it off.
     """
+    dtype = torch_dtype(dtype)
     original = read_json(os.path.join(src, "config.json"))
     vision_folder = resolve_vision_tower(src, original, vision_tower)
     if not os.path.isdir(vision_folder):
@@ -260,7 +260,7 @@ def convert_original_checkpoint(
     old vocabulary size (one row appended). `config_overrides` set `DynamicLlavaConfig` fields (e.g.
     `use_instruct_predictor=True`). `dtype` casts the floating-point weights (default: keep them).
     """
-    dtype = resolve_dtype(dtype)
+    dtype = torch_dtype(dtype)
     check_destination(src, dst, force)
     original = read_json(os.path.join(src, "config.json"))
     vision_folder = vision_tower_folder(src, original, vision_tower)

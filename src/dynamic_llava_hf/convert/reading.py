@@ -32,7 +32,6 @@ PROCESSOR_FILES = TOKENIZER_FILES + (
     "chat_template.jinja",
     "chat_template.json",
 )
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def read_json(path: str) -> dict:
@@ -176,11 +175,3 @@ def llava_processor(tokenizer, vision_config, normalisation_folder: str):
     mean, std = image_normalisation(normalisation_folder)
     image_processor = build_image_processor(vision_config.image_size, mean, std)
     return build_processor(tokenizer, image_processor, vision_config.image_size, vision_config.patch_size)
-
-
-def resolve_dtype(dtype: "str | torch.dtype | None") -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]

@@ -273,7 +273,3 @@ def generation_config_for(src: str, config: DynamicLlavaConfig, suppress_tokens:
     if pad_token_id is not None:
         generation_config.pad_token_id = pad_token_id
     return generation_config
-
-
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")

@@ -11,6 +11,7 @@ import os
 
 import torch
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 
 from ..training_dynamic_llava import IGNORE_INDEX
 
@@ -129,17 +130,14 @@ class LlavaDataCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, samples: list[dict]) -> dict:
-        length = max(len(sample["input_ids"]) for sample in samples)
+        input_ids = [sample["input_ids"] for sample in samples]
         batch = {
-            "input_ids": torch.full((len(samples), length), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros(len(samples), length, dtype=torch.long),
-            "labels": torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long),
+            "input_ids": pad_sequence(input_ids, batch_first=True, padding_value=self.pad_token_id),
+            "attention_mask": pad_sequence([torch.ones_like(ids) for ids in input_ids], batch_first=True),
+            "labels": pad_sequence(
+                [sample["labels"] for sample in samples], batch_first=True, padding_value=IGNORE_INDEX
+            ),
         }
-        for row, sample in enumerate(samples):
-            size = len(sample["input_ids"])
-            batch["input_ids"][row, :size] = sample["input_ids"]
-            batch["attention_mask"][row, :size] = 1
-            batch["labels"][row, :size] = sample["labels"]
         images = [sample["pixel_values"] for sample in samples if "pixel_values" in sample]
         if images:
             batch["pixel_values"] = torch.stack(images)

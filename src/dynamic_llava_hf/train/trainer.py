@@ -54,26 +54,25 @@ class GumbelTemperatureCallback(TrainerCallback):
             set_gumbel_tau(model, self.tau)
 
 
-def is_normalization(module: nn.Module) -> bool:
-    # LayerNorm, LlamaRMSNorm, Qwen2RMSNorm, ...: no weight decay, as in the official trainer.
-    return isinstance(module, nn.LayerNorm) or "Norm" in type(module).__name__
-
-
 def predictor_parameter_groups(
-    model: nn.Module, learning_rate: float, weight_decay: float, predictor_lr: float, predictor_weight_decay: float
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    predictor_lr: float,
+    predictor_weight_decay: float,
+    decay_parameter_names: list[str] | None = None,
 ) -> list[dict]:
     """The official four optimizer groups, in order: predictors with / without weight decay (`predictor_lr`), then
     everything else with / without weight decay (`learning_rate`). Predictor = parameter name containing
-    "predictor"; no decay for biases and normalization weights; frozen parameters are left out."""
-    no_decay = set()
-    for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
-            if param_name == "bias" or is_normalization(module):
-                no_decay.add(f"{module_name}.{param_name}" if module_name else param_name)
+    "predictor"; frozen parameters are left out. `decay_parameter_names` default to what the `Trainer` decays (no
+    biases, no normalization weights), as in the official trainer."""
+    if decay_parameter_names is None:
+        decay_parameter_names = Trainer.get_decay_parameter_names(None, model)  # the method reads no trainer state
+    decay = set(decay_parameter_names)
     groups = {(True, True): [], (True, False): [], (False, True): [], (False, False): []}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups[("predictor" in name, name not in no_decay)].append(param)
+            groups[("predictor" in name, name in decay)].append(param)
     return [
         {"params": groups[True, True], "lr": predictor_lr, "weight_decay": predictor_weight_decay},
         {"params": groups[True, False], "lr": predictor_lr, "weight_decay": 0.0},
@@ -126,12 +125,14 @@ class DynamicLlavaTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
+            model = self.model if model is None else model
             groups = predictor_parameter_groups(
-                self.model if model is None else model,
+                model,
                 learning_rate=self.args.learning_rate,
                 weight_decay=self.args.weight_decay,
                 predictor_lr=self.args.predictor_lr,
                 predictor_weight_decay=self.args.predictor_weight_decay,
+                decay_parameter_names=self.get_decay_parameter_names(model),
             )
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             optimizer_kwargs.pop("lr", None)  # each group carries its own learning rate
