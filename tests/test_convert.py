@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import jinja2
+import jinja2.meta
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,12 +28,13 @@ from transformers import (
 from dynamic_llava_hf import (
     VICUNA_V1_CHAT_TEMPLATE,
     CheckpointError,
+    DynamicLlavaConfig,
     add_llava_special_tokens,
     convert_llava_hf_checkpoint,
     convert_original_checkpoint,
 )
 from dynamic_llava_hf.cli import main
-from dynamic_llava_hf.convert import model_card_template, verify_saved_weights
+from dynamic_llava_hf.convert import model_card_template, verify_saved_weights, writer
 from dynamic_llava_hf.modeling_dynamic_llava import REMOTE_CODE_FILES
 from dynamic_llava_hf.reference_check import REFERENCE_SCENARIOS
 
@@ -160,6 +163,17 @@ def test_model_card_template_ships_with_the_package():
     """The converter reads the template from the package (works from a wheel); it must equal the repository's."""
     with open(os.path.join(REPO_ROOT, "MODEL_CARD.md"), encoding="utf-8") as handle:
         assert model_card_template() == handle.read()
+
+
+def test_model_card_gives_every_template_field_a_value(monkeypatch):
+    """Jinja renders a field without a value as nothing, so the card must pass every field the template uses."""
+    values = {}
+    monkeypatch.setattr(
+        writer.ModelCard, "from_template", lambda card_data, template_str, **kwargs: values.update(kwargs)
+    )
+    writer.model_card(DynamicLlavaConfig(), "out", "a source", "a command", None, None, None, True, False)
+    fields = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(model_card_template()))
+    assert fields == set(values) | {"card_data"}  # card_data: the YAML metadata, filled in by huggingface_hub
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .writer import (
     check_destination,
     cli_command,
     generation_config_for,
-    model_card_values,
+    model_card,
     write_output,
 )
 
@@ -150,7 +150,7 @@ def convert_llava_hf_checkpoint(
             source_processor = llava_processor(tokenizer, config.vision_config, src)
     options = {"dtype": dtype_name(dtype), "force": force or None, "allow_pickle": allow_pickle or None}
     options.update(processor=None if processor == "llava-1.5" else processor, **config_overrides)
-    card = model_card_values(
+    card = model_card(
         config,
         dst,
         f"the transformers Llava checkpoint `{os.path.basename(os.path.abspath(src))}`",

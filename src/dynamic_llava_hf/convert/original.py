@@ -31,7 +31,7 @@ from .writer import (
     check_destination,
     cli_command,
     generation_config_for,
-    model_card_values,
+    model_card,
     write_output,
 )
 
@@ -299,7 +299,7 @@ def convert_original_checkpoint(
         processor = llava_processor(tokenizer, config.vision_config, vision_folder)
     options = {"vision_tower": vision_tower, "dtype": dtype_name(dtype), "force": force or None}
     options.update(allow_pickle=allow_pickle or None, **config_overrides)
-    card = model_card_values(
+    card = model_card(
         config,
         dst,
         f"the official Dynamic-LLaVA checkpoint `{os.path.basename(os.path.abspath(src))}`",

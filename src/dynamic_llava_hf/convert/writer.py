@@ -2,7 +2,6 @@
 folder, verify every tensor, move it into place."""
 
 import os
-import re
 import shlex
 import shutil
 import tempfile
@@ -12,6 +11,7 @@ from importlib import resources
 
 import torch
 import transformers
+from huggingface_hub import ModelCard, ModelCardData
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
@@ -154,7 +154,8 @@ def staged_folder(dst: str, force: bool):
 # ---------------------------------------------------------------------------------------------------------------------
 # Model card
 
-MODEL_CARD_FIELD = re.compile(r"\{\{ (\w+) \}\}")
+# Hub metadata of every converted folder; `base_model` and `license` come from the command line.
+MODEL_CARD_TAGS = ["dynamic-llava", "llava", "vision-language", "token-pruning", "kv-cache-compression", "custom_code"]
 
 
 def model_card_template() -> str:
@@ -162,18 +163,7 @@ def model_card_template() -> str:
     return resources.files("dynamic_llava_hf").joinpath("MODEL_CARD.md").read_text(encoding="utf-8")
 
 
-def render_model_card(values: dict[str, str]) -> str:
-    """The template with every `{{ field }}` replaced; a field without a value is an error."""
-
-    def fill(match):
-        if match.group(1) not in values:
-            raise KeyError(f"The model card template needs a value for {match.group(1)!r}")
-        return str(values[match.group(1)])
-
-    return MODEL_CARD_FIELD.sub(fill, model_card_template())
-
-
-def model_card_values(
+def model_card(
     config: DynamicLlavaConfig,
     dst: str,
     source_description: str,
@@ -183,51 +173,44 @@ def model_card_values(
     model_id: str | None,
     processor_written: bool,
     untrained_predictors: bool,
-) -> dict[str, str]:
+) -> ModelCard:
+    """The converted folder's README.md: Hub metadata and the MODEL_CARD.md template filled in for `config`."""
     from .. import __version__
 
     tokens = config.image_seq_length
-    settings = [
-        ("sparse_layer", config.sparse_layer, "decoder layer at whose input tokens are pruned"),
-        ("use_vision_predictor", config.use_vision_predictor, "prune image tokens at prefill"),
-        (
-            "vision_keep_rate",
-            config.vision_keep_rate,
-            f"{int(tokens * config.vision_keep_rate)} of {tokens} image tokens kept per image",
-        ),
-        (
-            "use_output_text_predictor",
-            config.use_output_text_predictor,
-            "drop generated tokens' KV in layers >= sparse_layer",
-        ),
-        ("use_instruct_predictor", config.use_instruct_predictor, "prune the prompt text after the image"),
-    ]
-    notes = []
-    if untrained_predictors:
-        notes.append(
-            "> **The predictors of this checkpoint are freshly initialised, not trained.** It is a starting point for "
-            "Dynamic-LLaVA training; until then, use it with `sparsity=False` (identical to the source model)."
-        )
-    if not processor_written:
-        notes.append(
-            "> The source had no tokenizer, so this folder has no processor files: add a LLaVA-1.5 tokenizer with "
-            "`dynamic_llava_hf.add_llava_special_tokens` and save `dynamic_llava_hf.build_processor(tokenizer)` "
-            "here before running the examples below."
-        )
-    return {
-        "license": license or "other",
-        "base_model_line": f"base_model: {base_model}" if base_model else "# base_model: set the Hub id of the source",
-        "model_name": os.path.basename(os.path.abspath(dst)),
-        "source_description": source_description,
-        "conversion_command": command,
-        "notes": "\n\n".join(notes),
-        "sparse_settings": "\n".join(f"| `{name}` | {value} | {meaning} |" for name, value, meaning in settings),
-        "image_size": str(config.vision_config.image_size),
-        "image_tokens": str(tokens),
-        "model_id": model_id or dst,
-        "package_version": __version__,
-        "transformers_version": transformers.__version__,
-    }
+    kept = int(tokens * config.vision_keep_rate)
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license=license or "other",
+        base_model=base_model,
+        tags=MODEL_CARD_TAGS,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=model_card_template(),
+        model_name=os.path.basename(os.path.abspath(dst)),
+        source_description=source_description,
+        conversion_command=command,
+        untrained_predictors=untrained_predictors,
+        processor_written=processor_written,
+        sparse_settings=[
+            ("sparse_layer", config.sparse_layer, "decoder layer at whose input tokens are pruned"),
+            ("use_vision_predictor", config.use_vision_predictor, "prune image tokens at prefill"),
+            ("vision_keep_rate", config.vision_keep_rate, f"{kept} of {tokens} image tokens kept per image"),
+            (
+                "use_output_text_predictor",
+                config.use_output_text_predictor,
+                "drop generated tokens' KV in layers >= sparse_layer",
+            ),
+            ("use_instruct_predictor", config.use_instruct_predictor, "prune the prompt text after the image"),
+        ],
+        image_size=config.vision_config.image_size,
+        image_tokens=tokens,
+        model_id=model_id or dst,
+        package_version=__version__,
+        transformers_version=transformers.__version__,
+    )
 
 
 def cli_command(kind: str, src: str, dst: str, options: dict) -> str:
@@ -242,7 +225,7 @@ def cli_command(kind: str, src: str, dst: str, options: dict) -> str:
     return shlex.join(words)
 
 
-def write_output(model, dst: str, force: bool, processor, card_values: dict[str, str], progress: bool) -> int:
+def write_output(model, dst: str, force: bool, processor, card: ModelCard, progress: bool) -> int:
     """Writes model, processor (an object with `save_pretrained`, or files to copy) and model card; verifies."""
     with staged_folder(dst, force) as staging:
         bars_enabled = transformers.utils.logging.is_progress_bar_enabled()
@@ -258,8 +241,7 @@ def write_output(model, dst: str, force: bool, processor, card_values: dict[str,
                 shutil.copy2(path, staging)
         elif processor is not None:
             processor.save_pretrained(staging)
-        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(render_model_card(card_values))
+        card.save(os.path.join(staging, "README.md"))
         return verify_saved_weights(model, staging, progress)
 
 
