@@ -11,6 +11,7 @@ import jinja2
 import jinja2.meta
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_text_config, tiny_vision_config
 from tiny_processor import tiny_tokenizer
@@ -356,6 +357,29 @@ def reference_copy(reference_dir, tmp_path):
         for name in os.listdir(folder):
             os.chmod(folder / name, 0o755 if os.path.isdir(folder / name) else 0o644)
     return source
+
+
+def progress_bars(stderr: str) -> list[str]:
+    """The descriptions of the tqdm bars in `stderr`, each once, in order."""
+    descriptions = [line.split(":")[0].strip() for line in re.split(r"[\r\n]", stderr) if "%|" in line]
+    return list(dict.fromkeys(descriptions))
+
+
+def test_progress_bars_one_per_step_and_the_global_switch(reference_copy, tmp_path, capsys):
+    enabled = transformers.utils.logging.is_progress_bar_enabled()
+    try:
+        transformers.utils.logging.enable_progress_bar()
+        convert_original_checkpoint(str(reference_copy), str(tmp_path / "shown"))
+        assert progress_bars(capsys.readouterr().err) == ["Reading", "Writing model shards", "Verifying"]
+
+        transformers.utils.logging.disable_progress_bar()  # also huggingface_hub's switch
+        convert_original_checkpoint(str(reference_copy), str(tmp_path / "hidden"))
+        assert progress_bars(capsys.readouterr().err) == []
+    finally:  # as it was
+        if enabled:
+            transformers.utils.logging.enable_progress_bar()
+        else:
+            transformers.utils.logging.disable_progress_bar()
 
 
 def existing_destination(tmp_path):

@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 
 import torch
 from accelerate import init_empty_weights
@@ -49,7 +50,12 @@ from .flops import (
     total_flops,
 )
 from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+from ..utils import progress_bar
 from .presets import PRESETS, BenchPreset, BenchSettings, resolve_device_and_dtype
+
+
+# Tokens the baseline generates untimed before each decoding point (its warm-up; ours warms up by calibrating).
+WARMUP_TOKENS = 4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,6 +161,17 @@ class Stopwatch:
         return time.perf_counter() - start, result, None
 
 
+class StepCallback(LogitsProcessor):
+    """Calls `callback()` at each generation step (`generate()` runs logits processors once per step)."""
+
+    def __init__(self, callback: Callable[[], object]):
+        self.callback = callback
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.callback()
+        return scores
+
+
 class StepClock(LogitsProcessor):
     """Timestamps each generation step: `generate()` calls logits processors once per step, right after the forward.
 
@@ -206,9 +223,12 @@ def alternate(run_ours: Callable, run_baseline: Callable, repeats: int, warmup: 
 # Output-text predictor calibration
 
 
-def calibrate_output_text_predictor(model, inputs: dict, target_keep_rate: float, new_tokens: int) -> dict:
+def calibrate_output_text_predictor(
+    model, inputs: dict, target_keep_rate: float, new_tokens: int, on_step: Callable[[], object] | None = None
+) -> dict:
     """Shifts the output-text predictor's keep/drop bias so that `target_keep_rate` of the generated tokens of a run on
-    `inputs` would have been kept (a random predictor keeps or drops nearly all of them). Returns what it did."""
+    `inputs` would have been kept (a random predictor keeps or drops nearly all of them). Returns what it did.
+    `on_step` is called at each generation step of that run."""
     predictor = model.model.output_text_score_predictor
     if predictor is None:
         raise ValueError("the model has no output-text predictor to calibrate")
@@ -217,7 +237,7 @@ def calibrate_output_text_predictor(model, inputs: dict, target_keep_rate: float
         lambda module, args, logits: margins.append((logits[..., 0] - logits[..., 1]).float().flatten().cpu())
     )
     try:
-        generate(model, inputs, new_tokens)
+        generate(model, inputs, new_tokens, on_step=on_step)
     finally:
         hook.remove()
     margins = torch.cat(margins)
@@ -232,8 +252,14 @@ def calibrate_output_text_predictor(model, inputs: dict, target_keep_rate: float
     }
 
 
-def generate(model, inputs: dict, new_tokens: int, clock: StepClock | None = None):
-    """Greedy generation of exactly `new_tokens` tokens (no EOS), returning the generate output."""
+def generate(
+    model, inputs: dict, new_tokens: int, clock: StepClock | None = None, on_step: Callable[[], object] | None = None
+):
+    """Greedy generation of exactly `new_tokens` tokens (no EOS), returning the generate output. `clock` times the
+    steps; `on_step` is called at each of them."""
+    processors = [clock] if clock is not None else []
+    if on_step is not None:
+        processors.append(StepCallback(on_step))
     out = model.generate(
         **inputs,
         max_new_tokens=new_tokens,
@@ -241,7 +267,7 @@ def generate(model, inputs: dict, new_tokens: int, clock: StepClock | None = Non
         do_sample=False,
         eos_token_id=None,
         pad_token_id=0,
-        logits_processor=LogitsProcessorList([clock] if clock is not None else []),
+        logits_processor=LogitsProcessorList(processors),
         return_dict_in_generate=True,
     )
     produced = out.sequences.shape[1] - inputs["input_ids"].shape[1]
@@ -355,7 +381,7 @@ def analytic_results(settings: BenchSettings) -> dict:
     shape = ModelShape.from_config(config)
     base_shape = ModelShape.from_config(baseline_config(config))
     keep_rate = config.vision_keep_rate
-    new_tokens = settings.new_tokens or (256, 1024, 4096)
+    new_tokens = settings.new_tokens or preset.cuda_new_tokens
     return {
         "preset": preset.name,
         "description": preset.description,
@@ -384,14 +410,12 @@ def baseline_config(config: DynamicLlavaConfig) -> DynamicLlavaConfig:
 
 def run_benchmark(settings: BenchSettings) -> dict:
     """Runs everything `settings` asks for and returns the results (see the module docstring); nothing is written."""
-    from tqdm.auto import tqdm
-
     settings.validate()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     preset = PRESETS[settings.preset]
     device, dtype = resolve_device_and_dtype(settings)
-    new_tokens = settings.new_tokens or ((256, 1024, 4096) if device.type == "cuda" else (256, 1024))
+    new_tokens = settings.new_tokens or (preset.cuda_new_tokens if device.type == "cuda" else preset.new_tokens)
     model, baseline = build_models(
         preset, device, dtype, settings.attn_implementation, settings.vision_keep_rate, settings.seed
     )
@@ -400,13 +424,12 @@ def run_benchmark(settings: BenchSettings) -> dict:
     base_shape = ModelShape.from_config(baseline_config(config))
     keep_rate = config.vision_keep_rate
     stopwatch = Stopwatch(device)
-
     decode_grid = [(batch, tokens) for batch in settings.decode_batch_sizes for tokens in new_tokens]
-    prefill_runs = 2 * (settings.warmup + settings.repeats)
-    total_runs = prefill_runs * (len(settings.prefill_batch_sizes) + len(settings.sweep_keep_rates)) + sum(
-        2 * (1 + settings.decode_repeats) for _ in decode_grid
-    )
-    bar = tqdm(total=total_runs, desc=preset.name, unit="run", disable=not settings.progress)
+
+    def phase_bar(description: str, total: int, unit: str):
+        """One bar per phase, counting units of one size (a bar mixing prefill runs and 1K-token generations would
+        jump between estimates of seconds and of an hour); none for an empty phase."""
+        return progress_bar(total=total, desc=description, unit=unit, enabled=settings.progress and total > 0)
 
     results = {
         "preset": preset.name,
@@ -418,17 +441,23 @@ def run_benchmark(settings: BenchSettings) -> dict:
         "weights_bytes": parameter_bytes(model),
         "prefill_flops": analytic_prefill(shape, base_shape, preset, keep_rate, 1),
     }
+    models = (model, baseline, preset, shape, base_shape)
+    runs_per_point = 2 * (settings.warmup + settings.repeats)  # both models
+    # Steps per decoding point: ours' calibration run, the baseline's warm-up, then the timed runs of both models.
+    decode_steps = sum(tokens + WARMUP_TOKENS + 2 * settings.decode_repeats * tokens for _, tokens in decode_grid)
     with torch.inference_mode():
-        results["prefill"] = [
-            measure_prefill(model, baseline, preset, shape, base_shape, batch, settings, stopwatch, bar)
-            for batch in settings.prefill_batch_sizes
-        ]
+        with phase_bar("Prefill", runs_per_point * sum(settings.prefill_batch_sizes), "row") as bar:
+            results["prefill"] = [
+                measure_prefill(*models, batch, settings, stopwatch, tick=partial(bar.update, batch))
+                for batch in settings.prefill_batch_sizes
+            ]
         results["load_average"]["after_prefill"] = load_average()
 
-        results["decode"] = [
-            measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, settings, stopwatch, bar)
-            for batch, tokens in decode_grid
-        ]
+        with phase_bar("Decoding", decode_steps, "step") as bar:
+            results["decode"] = [
+                measure_decode(*models, batch, tokens, settings, stopwatch, tick=bar.update)
+                for batch, tokens in decode_grid
+            ]
         results["load_average"]["after_decode"] = load_average()
 
         realised = [row["ours"]["output_keep_rate"] for row in results["decode"]]
@@ -437,32 +466,28 @@ def run_benchmark(settings: BenchSettings) -> dict:
             analytic_no_cache_decode(shape, base_shape, preset, keep_rate, output_keep_rate, tokens)
             for tokens in new_tokens
         ]
-        results["keep_rate_sweep"] = [
-            measure_prefill(
-                model,
-                baseline,
-                preset,
-                shape,
-                base_shape,
-                settings.sweep_batch_size,
-                settings,
-                stopwatch,
-                bar,
-                sparsity={"vision_keep_rate": rate},
-            )
-            for rate in settings.sweep_keep_rates
-        ]
+        with phase_bar("Keep-rate sweep", runs_per_point * len(settings.sweep_keep_rates), "run") as bar:
+            results["keep_rate_sweep"] = [
+                measure_prefill(
+                    *models,
+                    settings.sweep_batch_size,
+                    settings,
+                    stopwatch,
+                    tick=bar.update,
+                    sparsity={"vision_keep_rate": rate},
+                )
+                for rate in settings.sweep_keep_rates
+            ]
         results["load_average"]["end"] = load_average()
-    bar.close()
     return results
 
 
 def measure_prefill(
-    model, baseline, preset, shape, base_shape, batch, settings, stopwatch, bar, sparsity=None
+    model, baseline, preset, shape, base_shape, batch, settings, stopwatch, tick, sparsity=None
 ) -> dict:
+    """Times the prefill of both models at one batch size; `tick()` is called after each forward."""
     device, dtype = model.device, model.dtype
     inputs = make_inputs(preset, model.config, batch, device, dtype, settings.seed)
-    bar.set_postfix_str(f"prefill batch {batch}")
     extra = {} if sparsity is None else {"sparsity": sparsity}
     samples, last = alternate(
         lambda: model(**inputs, use_cache=True, logits_to_keep=1, **extra),
@@ -470,7 +495,7 @@ def measure_prefill(
         settings.repeats,
         settings.warmup,
         stopwatch,
-        bar.update,
+        tick,
     )
     keep_rate = model.config.vision_keep_rate if sparsity is None else sparsity["vision_keep_rate"]
     analytic = analytic_prefill(shape, base_shape, preset, keep_rate, batch)
@@ -496,15 +521,13 @@ def measure_prefill(
     }
 
 
-def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, settings, stopwatch, bar) -> dict:
+def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, settings, stopwatch, tick) -> dict:
+    """Times the decoding of both models at one batch size and length; `tick()` is called at each generation step."""
     device, dtype = model.device, model.dtype
     inputs = make_inputs(preset, model.config, batch, device, dtype, settings.seed)
-    bar.set_postfix_str(f"decode batch {batch}, {tokens} tokens")
     # Untimed: calibrate the output-text predictor on these very inputs (also ours' warm-up); warm the baseline up.
-    calibration = calibrate_output_text_predictor(model, inputs, settings.output_keep_rate, tokens)
-    bar.update()
-    generate(baseline, inputs, 4)
-    bar.update()
+    calibration = calibrate_output_text_predictor(model, inputs, settings.output_keep_rate, tokens, on_step=tick)
+    generate(baseline, inputs, WARMUP_TOKENS, on_step=tick)
 
     runs = {"ours": [], "baseline": []}
     candidates = {"ours": model, "baseline": baseline}
@@ -512,11 +535,10 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
         for side in ("ours", "baseline") if repeat % 2 == 0 else ("baseline", "ours"):
             clock = StepClock(device)
             _, out, peak = stopwatch(
-                lambda model=candidates[side], clock=clock: generate(model, inputs, tokens, clock)
+                lambda model=candidates[side], clock=clock: generate(model, inputs, tokens, clock, on_step=tick)
             )
             steps = clock.step_seconds()
             runs[side].append({"steps": steps, "cache": out.past_key_values, "peak": peak})
-            bar.update()
 
     def summary(side: str) -> dict:
         medians = [statistics.median(run["steps"]) for run in runs[side]]

@@ -27,6 +27,9 @@ class BenchPreset:
     image_token_index: int
     text_tokens_before_image: int  # BOS included
     text_tokens_after_image: int
+    # Generated tokens per decoding point unless `BenchSettings.new_tokens` says otherwise.
+    new_tokens: tuple[int, ...] = (256, 1024)
+    cuda_new_tokens: tuple[int, ...] = (256, 1024, 4096)
 
     def config(self, vision_keep_rate: float | None = None) -> DynamicLlavaConfig:
         vision = CLIPVisionConfig(**self.vision_config)
@@ -135,6 +138,9 @@ PRESETS: dict[str, BenchPreset] = {
         image_token_index=999,
         text_tokens_before_image=6,
         text_tokens_after_image=4,
+        # A smoke test of about a minute on one CPU core; 1K-token generations would take most of it.
+        new_tokens=(64, 256),
+        cuda_new_tokens=(64, 256),
     ),
     "cpu-7b-topology": _cpu_7b_topology(),
     "llava-1.5-7b": BenchPreset(
@@ -174,7 +180,7 @@ class BenchSettings:
     attn_implementation: str = "sdpa"
     prefill_batch_sizes: tuple[int, ...] = (1, 8)
     decode_batch_sizes: tuple[int, ...] = (1, 8, 32)
-    new_tokens: tuple[int, ...] | None = None  # None: (256, 1024), plus 4096 on cuda
+    new_tokens: tuple[int, ...] | None = None  # None: the preset's (`new_tokens`, `cuda_new_tokens` on cuda)
     repeats: int = 5
     warmup: int = 1
     decode_repeats: int = 1

@@ -20,6 +20,7 @@ from .reading import (
     load_tokenizer,
     read_json,
     read_weights,
+    reading_bar,
 )
 from .writer import (
     PREDICTORS,
@@ -122,11 +123,10 @@ def convert_llava_hf_checkpoint(
     dtype = torch_dtype(dtype)
     check_destination(src, dst, force)
     config = llava_hf_config_to_config(src, **config_overrides)
-    state_dict = llava_hf_state_dict_to_state_dict(
-        read_weights(src, allow_pickle, progress, f"Reading {os.path.basename(src) or src}")
-    )
+    with reading_bar([src], allow_pickle, progress) as bar:
+        state_dict = llava_hf_state_dict_to_state_dict(read_weights(src, allow_pickle, bar))
     fresh = tuple(module for module, flag in PREDICTORS.items() if getattr(config, flag))
-    model, new_keys = build_model(config, state_dict, dtype, fresh, seed, progress)
+    model, new_keys = build_model(config, state_dict, dtype, fresh, seed)
     model.generation_config = generation_config_for(src, config, [config.image_token_id])
 
     source_processor, special_tokens = None, None

@@ -23,6 +23,7 @@ from .reading import (
     read_json,
     read_safetensors_folder,
     read_weights,
+    reading_bar,
 )
 from .writer import (
     PREDICTORS,
@@ -280,12 +281,11 @@ def convert_original_checkpoint(
             "pad_token_id": special_tokens.pad_token_id,
         }
     config = original_config_to_config(original, vision, **token_fields, **config_overrides)
-    state_dict = original_state_dict_to_state_dict(
-        read_weights(src, allow_pickle, progress, f"Reading {os.path.basename(src) or src}"),
-        config,
-        read_weights(vision_folder, allow_pickle, progress, "Reading the vision tower"),
-    )
-    model, _ = build_model(config, state_dict, dtype, progress=progress)
+    with reading_bar([src, vision_folder], allow_pickle, progress) as bar:
+        state_dict = original_state_dict_to_state_dict(
+            read_weights(src, allow_pickle, bar), config, read_weights(vision_folder, allow_pickle, bar)
+        )
+    model, _ = build_model(config, state_dict, dtype)
     # Ids the source model never produced: the image placeholder, <pad> and the padding rows.
     new_ids = set(range(original["vocab_size"], config.text_config.vocab_size)) | {config.image_token_id}
     pad_token_id = None

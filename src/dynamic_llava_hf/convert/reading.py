@@ -6,13 +6,13 @@ import warnings
 
 import torch
 from safetensors import safe_open
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from ..processing import (
     build_image_processor,
     build_processor,
 )
+from ..utils import progress_bar
 
 
 class CheckpointError(ValueError):
@@ -97,34 +97,45 @@ def load_pickle_weights(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def iter_weights(folder: str, allow_pickle: bool = False, progress: bool = False, description: str = "Reading"):
-    """Yields `(name, tensor)` for every tensor of a folder (see `find_weight_files`), one at a time, with a progress
-    bar over tensors when asked. Every safetensors header is checked before any tensor is read, so a corrupted shard
-    fails fast; errors name the file."""
+def reading_bar(folders: list[str], allow_pickle: bool, progress: bool, description: str = "Reading"):
+    """One progress bar over the bytes of every weight file in `folders` (bytes, not tensors: tensors differ in size
+    by orders of magnitude, so a bar counting them would give wild estimates)."""
+    files = [path for folder in folders for path in find_weight_files(folder, allow_pickle)]
+    total = sum(os.path.getsize(path) for path in files)
+    return progress_bar(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, enabled=progress)
+
+
+def iter_weights(folder: str, allow_pickle: bool = False, bar=None):
+    """Yields `(name, tensor)` for every tensor of a folder (see `find_weight_files`), one at a time, advancing `bar`
+    (see `reading_bar`) by the bytes read. Every safetensors header is checked before any tensor is read, so a
+    corrupted shard fails fast; errors name the file."""
+    bar = progress_bar(enabled=False) if bar is None else bar
     files = find_weight_files(folder, allow_pickle)
     if files[0].endswith(".bin"):
         for path in files:
             yield from load_pickle_weights(path).items()
+            bar.update(os.path.getsize(path))
         return
     keys = {path: safetensors_keys(path) for path in files}
-    with tqdm(total=sum(map(len, keys.values())), desc=description, unit="tensor", disable=not progress) as bar:
-        for path, names in keys.items():
-            try:
-                with safe_open(path, framework="pt") as handle:
-                    for name in names:
-                        tensor = handle.get_tensor(name)
-                        bar.update()
-                        yield name, tensor
-            except Exception as error:
-                raise CheckpointError(f"Cannot read {path} (corrupted or truncated?): {error}") from error
+    for path, names in keys.items():
+        read = 0
+        try:
+            with safe_open(path, framework="pt") as handle:
+                for name in names:
+                    tensor = handle.get_tensor(name)
+                    read += tensor.nbytes
+                    bar.update(tensor.nbytes)
+                    yield name, tensor
+        except Exception as error:
+            raise CheckpointError(f"Cannot read {path} (corrupted or truncated?): {error}") from error
+        bar.update(os.path.getsize(path) - read)  # the file's header
 
 
-def read_weights(
-    folder: str, allow_pickle: bool = False, progress: bool = False, description: str = "Reading"
-) -> dict[str, torch.Tensor]:
-    """All tensors of a folder as a dict; checks that no name repeats and that the shards hold what the index lists."""
+def read_weights(folder: str, allow_pickle: bool = False, bar=None) -> dict[str, torch.Tensor]:
+    """All tensors of a folder as a dict; checks that no name repeats and that the shards hold what the index lists.
+    `bar`: see `iter_weights`."""
     tensors = {}
-    for name, tensor in iter_weights(folder, allow_pickle, progress, description):
+    for name, tensor in iter_weights(folder, allow_pickle, bar):
         if name in tensors:
             raise CheckpointError(f"Tensor {name} appears twice in the weight files of {folder}")
         tensors[name] = tensor

@@ -12,7 +12,6 @@ from importlib import resources
 import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
-from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from ..configuration_dynamic_llava import DynamicLlavaConfig
@@ -20,7 +19,7 @@ from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from ..processing import (
     LlavaSpecialTokens,
 )
-from .reading import CheckpointError, iter_weights
+from .reading import CheckpointError, iter_weights, reading_bar
 
 # The predictor sub-modules and the config flags that switch them on.
 PREDICTORS = {
@@ -51,7 +50,6 @@ def build_model(
     dtype: torch.dtype | None,
     fresh_modules: tuple[str, ...] = (),
     seed: int = 0,
-    progress: bool = False,
 ) -> tuple[DynamicLlavaForConditionalGeneration, tuple[str, ...]]:
     """The model holding the tensors of `state_dict` (consumed; no copy unless cast to `dtype`: the model is built on
     the meta device and the tensors assigned), with `fresh_modules` initialised like `from_pretrained` initialises
@@ -72,7 +70,7 @@ def build_model(
         )
     shapes = model.state_dict()
     converted = {}
-    for key in tqdm(list(state_dict), desc="Converting", unit="tensor", disable=not progress):
+    for key in list(state_dict):
         tensor = state_dict.pop(key)  # the source tensor is released as soon as it is cast
         if tensor.shape != shapes[key].shape:
             raise CheckpointError(f"{key} has shape {list(tensor.shape)}, the config needs {list(shapes[key].shape)}")
@@ -101,12 +99,13 @@ def verify_saved_weights(model, folder: str, progress: bool = False) -> int:
     of tensors. Raises `RuntimeError` naming the first difference."""
     expected = model.state_dict()
     seen = set()
-    for key, tensor in iter_weights(folder, progress=progress, description="Verifying"):
-        if key not in expected or key in seen:
-            raise RuntimeError(f"Verification of {folder} failed: unexpected or repeated tensor {key}")
-        if tensor.dtype != expected[key].dtype or not torch.equal(tensor, expected[key]):
-            raise RuntimeError(f"Verification of {folder} failed: {key} differs from the converted tensor")
-        seen.add(key)
+    with reading_bar([folder], allow_pickle=False, progress=progress, description="Verifying") as bar:
+        for key, tensor in iter_weights(folder, bar=bar):
+            if key not in expected or key in seen:
+                raise RuntimeError(f"Verification of {folder} failed: unexpected or repeated tensor {key}")
+            if tensor.dtype != expected[key].dtype or not torch.equal(tensor, expected[key]):
+                raise RuntimeError(f"Verification of {folder} failed: {key} differs from the converted tensor")
+            seen.add(key)
     unwritten = set(expected) - seen
     if model.config.tie_word_embeddings:
         unwritten.discard("lm_head.weight")
