@@ -1,6 +1,6 @@
 """Dynamic-LLaVA against transformers' Llava with the same random weights: prefill, decoding, KV memory, FLOPs.
 
-A thin wrapper around `dynamic-llava bench` (`dynamic_llava_hf.benchmark`); every option of the command works here.
+A thin wrapper around `dynamic-llava bench` (`dynamic_llava_hf.bench`); every option of the command works here.
 
     # the README's CPU table (31 minutes on the 2-core CPU)
     python examples/benchmark.py --preset cpu-7b-topology --output bench-cpu-7b-topology.json \
@@ -19,7 +19,7 @@ A thin wrapper around `dynamic-llava bench` (`dynamic_llava_hf.benchmark`); ever
 
 import sys
 
-from dynamic_llava_hf.cli import main
+from dynamic_llava_hf_cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))
