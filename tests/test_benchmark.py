@@ -58,7 +58,8 @@ def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
     env = results["environment"]
     assert env["device_type"] == "cpu" and env["gpu_figures_measured"] is False
     assert set(results["load_average"]) == {"start", "after_prefill", "after_decode", "end"}
-    image_tokens, kept = 36, int(36 * 0.2)
+    image_tokens = (84 // 14) ** 2  # the tiny preset's 84 px images in 14 px patches
+    kept = int(image_tokens * 0.2)  # the default vision keep rate
 
     assert [row["batch_size"] for row in results["prefill"]] == [1, 2]
     for row in results["prefill"]:
@@ -92,7 +93,7 @@ def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
     assert 0 < results["no_cache_decode_flops"][0]["paper"]["ratio"] < 1
     sweep = results["keep_rate_sweep"]
     assert [row["vision_keep_rate"] for row in sweep] == [0.2, 0.6, 1.0]
-    assert [row["flops"]["kept_image_tokens"] for row in sweep] == [7, 21, 36]
+    assert [row["flops"]["kept_image_tokens"] for row in sweep] == [int(image_tokens * r) for r in (0.2, 0.6, 1.0)]
     assert sweep[-1]["flops"]["paper"]["ratio"] == 1.0
     exact = [row["flops"]["exact"]["ratio"] for row in sweep]
     assert exact == sorted(exact)
