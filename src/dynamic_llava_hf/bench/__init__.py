@@ -1,5 +1,5 @@
-"""`dynamic-llava bench`: presets and settings (`presets.py`), measurements (`measure.py`), the report (`report.py`)
-and the analytic FLOP counts they are compared with (`flops.py`)."""
+"""`dynamic-llava bench`: presets and settings (`presets.py`), measurements (`measure.py`, timed by `timing.py`), the
+report (`report.py`) and the analytic FLOP counts they are compared with (`flops.py`)."""
 
 from .measure import (
     analytic_results,
