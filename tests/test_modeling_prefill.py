@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from dynamic_llava_hf import DynamicLlavaForConditionalGeneration, SparsitySettings
 from mask_reference import generation_positions, reference_forward
 from tiny_models import IMAGE_SIZE, build_prompts, images_per_row, llava_twin, tiny_config, tiny_model
@@ -87,7 +88,7 @@ def test_batched_equals_each_row_alone(attn_implementation, instruct):
     model = tiny_model(attn_implementation, use_instruct_predictor=instruct)
     input_ids, attention_mask, pixel_values = build_prompts(RAGGED_ROWS)
     batched = run(model, input_ids, attention_mask, pixel_values, output_hidden_states=True)
-    batched_lengths = batched.past_key_values.stored_lengths()
+    batched_lengths = batched.get(CACHE_NAME).stored_lengths()
 
     for row, pixels in enumerate(split_pixels(pixel_values, RAGGED_ROWS)):
         real = attention_mask[row].bool()
@@ -100,7 +101,7 @@ def test_batched_equals_each_row_alone(attn_implementation, instruct):
             assert torch.equal(batched.kept_image_token_indices[row], alone.kept_image_token_indices[0])
         for ours, theirs in zip(batched.hidden_states, alone.hidden_states):
             assert (ours[row, real] - theirs[0]).abs().max() <= 1e-5
-        assert torch.equal(batched_lengths[:, row], alone.past_key_values.stored_lengths()[:, 0])
+        assert torch.equal(batched_lengths[:, row], alone.get(CACHE_NAME).stored_lengths()[:, 0])
     # The text-only row keeps everything; the stored lengths differ per row and per layer group.
     assert batched.kept_image_token_indices[1].numel() == 0
     assert batched_lengths[0, 1] == batched_lengths[2, 1] == attention_mask[1].sum()

@@ -8,7 +8,8 @@ key masks in the layers `>= sparse_layer`.
 
 The remote-code bundle, flat beside this file: `predictors_dynamic_llava.py` (the three predictors),
 `sparsity_dynamic_llava.py` (per-call settings, the step state, attention masks), `inference_dynamic_llava.py` and
-`training_dynamic_llava.py` (what is kept at `sparse_layer`), `cache_dynamic_llava.py` (the ragged KV cache) and
+`training_dynamic_llava.py` (what is kept at `sparse_layer`), `cache_dynamic_llava.py` (the ragged KV cache),
+`compat_dynamic_llava.py` (what differs between the supported transformers releases) and
 `configuration_dynamic_llava.py`. Everything else is transformers' Llava.
 """
 
@@ -19,16 +20,18 @@ from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMode
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
+    LlavaModelOutputWithPast,
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
 from transformers.utils import logging
 
 from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache, KeyLayout, cache_for_forward
+from .compat_dynamic_llava import CACHE_NAME, cache_and_image_fields, cache_argument
 from .configuration_dynamic_llava import DynamicLlavaConfig
 from .inference_dynamic_llava import InferenceDecisionsMixin
 from .predictors_dynamic_llava import DynamicLlavaImagePredictor, DynamicLlavaTextPredictor
@@ -55,10 +58,14 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
-class DynamicLlavaModelOutputWithPast(BaseModelOutputWithPast):
+class DynamicLlavaModelOutputWithPast(LlavaModelOutputWithPast):
     r"""
+    Same as [`~transformers.models.llava.modeling_llava.LlavaModelOutputWithPast`] (the cache is `cache` from
+    transformers 5.24 on, `past_key_values` before), plus:
+
     image_hidden_states (`torch.Tensor`, *optional*):
-        Projected image features, `[num_images, tokens_per_image, hidden_size]`.
+        Projected image features, `[num_images, tokens_per_image, hidden_size]` (a plain field on every supported
+        transformers release; 5.24 also fills `image_outputs`).
     kept_image_token_indices (`list[torch.LongTensor]`, *optional*):
         Per row, the indices (into that row's image tokens, ascending) of the image tokens kept at `sparse_layer`.
         `None` when no image pruning ran in this call.
@@ -81,6 +88,8 @@ class DynamicLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     Same as [`~transformers.models.llava.modeling_llava.LlavaCausalLMOutputWithPast`]. `logits` stay aligned with the
     input positions; positions removed at `sparse_layer` get zero logits.
 
+    image_hidden_states (`torch.Tensor`, *optional*):
+        See [`DynamicLlavaModelOutputWithPast`].
     kept_image_token_indices (`list[torch.LongTensor]`, *optional*):
         See [`DynamicLlavaModelOutputWithPast`].
     output_keep_decisions (`torch.BoolTensor`, *optional*):
@@ -95,6 +104,7 @@ class DynamicLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
         Realised keep ratios of a training forward, for logging (text: over the rows long enough to be sparsified).
     """
 
+    image_hidden_states: torch.Tensor | None = None
     kept_image_token_indices: list[torch.LongTensor] | None = None
     output_keep_decisions: torch.BoolTensor | None = None
     lm_loss: torch.FloatTensor | None = None
@@ -126,6 +136,7 @@ REMOTE_CODE_FILES = (
     "sparsity_dynamic_llava.py",
     "inference_dynamic_llava.py",
     "training_dynamic_llava.py",
+    "compat_dynamic_llava.py",
 )
 
 
@@ -302,9 +313,9 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         pixel_values: torch.FloatTensor | None,
         mm_encoder_outputs: dict | None,
         **vision_kwargs,
-    ) -> list[torch.Tensor] | None:
+    ) -> BaseModelOutputWithPooling | None:
         """Encodes the images (unless `mm_encoder_outputs` holds them) and merges them into the step's placeholders
-        (setting `image_mask` and `tokens_per_image`); returns the image features.
+        (setting `image_mask` and `tokens_per_image`); returns the image encoder's output (features: `pooler_output`).
 
         A placeholder id the model generated itself (a decoding step, or the output part of a no-cache step) is an
         ordinary token, as in Llava.
@@ -313,24 +324,22 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             step.image_mask = self.image_token_mask(input_ids, step.hidden_states)
         if step.num_generated_tokens:
             step.image_mask[:, step.num_new - step.num_generated_tokens :] = False
-        image_features = None
+        image_outputs = None
         if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-            image_features = mm_encoder_outputs["image"].pooler_output
+            image_outputs = mm_encoder_outputs["image"]
         elif pixel_values is not None:
             self.check_pixel_values(pixel_values)
-            image_features = self.get_image_features(
-                pixel_values=pixel_values, return_dict=True, **vision_kwargs
-            ).pooler_output
-        if image_features is not None:
+            image_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
+        if image_outputs is not None:
             step.hidden_states, step.tokens_per_image = self.merge_image_features(
-                step.hidden_states, step.image_mask, image_features
+                step.hidden_states, step.image_mask, image_outputs.pooler_output
             )
         elif not step.decoding and bool(step.image_mask.any()):
             raise ValueError(
                 f"The input contains {int(step.image_mask.sum())} image tokens (id {self.config.image_token_id}) but "
                 "no pixel_values or image features were given."
             )
-        return image_features
+        return image_outputs
 
     def layer_groups(self) -> tuple[nn.ModuleList, nn.ModuleList]:
         """The text backbone's decoder layers below `sparse_layer` and from it on."""
@@ -359,7 +368,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
                 step.hidden_states,
                 attention_mask=mask,
                 position_embeddings=step.position_embeddings,
-                past_key_values=cache,
+                **{CACHE_NAME: cache},
                 **kwargs,
             )
             step.record_hidden_states()
@@ -407,7 +416,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DynamicLlavaCache | None = None,
+        cache: DynamicLlavaCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -420,9 +429,13 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         num_generated_tokens: int = 0,
         labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        past_key_values: DynamicLlavaCache | None = None,
         **kwargs,
     ) -> DynamicLlavaModelOutputWithPast | tuple:
         r"""
+        cache (`DynamicLlavaCache`, *optional*):
+            The KV cache to read and fill; `past_key_values` is the same argument under its pre-5.24 name (both are
+            accepted on every supported transformers release). An empty `DynamicCache` is replaced by a new one.
         sparsity (`SparsitySettings`, `dict` or `bool`, *optional*):
             This call's sparsification instead of the config's: `False` switches it off (plain LLaVA), a dict overrides
             fields of [`SparsitySettings`], e.g. `{"vision_selector": "fastv", "vision_keep_rate": 0.2}`.
@@ -436,13 +449,13 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         self.check_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, output_attentions)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        cache, use_cache = self.resolve_cache(past_key_values, use_cache)
+        cache, use_cache = self.resolve_cache(cache_argument(cache, past_key_values), use_cache)
         training = self.training and settings.enabled
         if training:
             self.check_training_call(settings, cache is not None, inputs_embeds)
 
         step = self.start_step(inputs_embeds, attention_mask, position_ids, cache, num_generated_tokens)
-        image_features = self.embed_images(
+        image_outputs = self.embed_images(
             step,
             input_ids,
             pixel_values,
@@ -468,9 +481,9 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
 
         output = DynamicLlavaModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache if use_cache else None,
             hidden_states=tuple(step.all_hidden_states) if step.all_hidden_states is not None else None,
-            image_hidden_states=torch.stack(list(image_features)) if image_features is not None else None,
+            image_hidden_states=torch.stack(list(image_outputs.pooler_output)) if image_outputs is not None else None,
+            **cache_and_image_fields(cache if use_cache else None, image_outputs),
             kept_image_token_indices=plan.kept_image_token_indices,
             output_keep_decisions=plan.output_keep_decisions,
             training_keep_masks=training_keep_masks,
@@ -493,7 +506,7 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DynamicLlavaCache | None = None,
+        cache: DynamicLlavaCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -507,18 +520,19 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
         sparsity: "SparsitySettings | dict | bool | None" = None,
         num_generated_tokens: int = 0,
         return_dict: bool | None = None,
+        past_key_values: DynamicLlavaCache | None = None,
         **kwargs,
     ) -> DynamicLlavaCausalLMOutputWithPast | tuple:
         r"""
         Same as [`~transformers.LlavaForConditionalGeneration.forward`], plus `sparsity` and `num_generated_tokens`
-        (see [`DynamicLlavaModel.forward`]).
+        (see [`DynamicLlavaModel.forward`]). The cache may be passed as `cache` or `past_key_values`.
         """
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
@@ -543,9 +557,9 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
         output = DynamicLlavaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             image_hidden_states=outputs.image_hidden_states,
+            **cache_and_image_fields(outputs.get(CACHE_NAME), outputs.get("image_outputs")),
             kept_image_token_indices=outputs.kept_image_token_indices,
             output_keep_decisions=outputs.output_keep_decisions,
         )
@@ -570,13 +584,13 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
                 "cache_implementation unset."
             )
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_NAME)
         if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = DynamicLlavaCache(self.config)
+            model_kwargs[CACHE_NAME] = DynamicLlavaCache(self.config)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        if model_kwargs.get("past_key_values") is None:
+        if model_kwargs.get(CACHE_NAME) is None:
             # Without a cache every step re-reads prompt + outputs; the model needs to know which tokens are outputs.
             num_new_tokens = kwargs.get("num_new_tokens", args[1] if len(args) > 1 else 1)
             model_kwargs["num_generated_tokens"] = model_kwargs.get("num_generated_tokens", 0) + num_new_tokens
