@@ -235,9 +235,27 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             )
 
     def merge_image_features(
-        self, inputs_embeds: torch.Tensor, image_mask: torch.Tensor, image_features: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, int]:
-        """Writes the image features into the placeholder positions; returns the embeddings and tokens per image."""
+        self,
+        inputs_embeds: torch.Tensor,
+        image_mask: torch.Tensor,
+        image_features: list[torch.Tensor],
+        tokens_per_image: int | None = None,
+    ) -> tuple[torch.Tensor, int | None]:
+        """Writes the image features into the placeholder positions; returns the embeddings and tokens per image.
+
+        With `tokens_per_image`, the features come as one block (a prefill chunk's share, as `generate()` slices
+        them) and are regrouped per image. If the chunk holds only part of an image, the features are placed as Llava
+        places them and the tokens per image are None: such images cannot be pruned.
+        """
+        if tokens_per_image is not None:
+            block = torch.cat([features.reshape(-1, features.shape[-1]) for features in image_features])
+            whole = not bool((image_mask.sum(-1) % tokens_per_image).any()) and block.shape[0] == int(image_mask.sum())
+            if not whole:
+                if block.shape[0] != int(image_mask.sum()):
+                    raise ValueError(f"{int(image_mask.sum())} image tokens but {block.shape[0]} image features")
+                block = block.to(inputs_embeds.device, inputs_embeds.dtype)
+                return inputs_embeds.masked_scatter(image_mask[..., None], block), None
+            image_features = block.split(tokens_per_image)
         tokens_per_image = {features.shape[0] for features in image_features}
         if len(tokens_per_image) != 1:
             raise ValueError(
@@ -279,6 +297,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         position_ids: torch.LongTensor | None,
         cache: DynamicLlavaCache | None,
         num_generated_tokens: int,
+        prefill: bool = False,
     ) -> DecoderStep:
         """The step state at the first decoder layer: padding mask, original positions and their RoPE."""
         past_seen = cache.get_seq_length() if cache is not None else 0
@@ -302,6 +321,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             valid=valid,
             past_seen=past_seen,
             num_generated_tokens=num_generated_tokens,
+            prefill=prefill,
             hidden_states=inputs_embeds,
             position_embeddings=self.language_model.rotary_emb(inputs_embeds, position_ids),
         )
@@ -312,6 +332,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         input_ids: torch.LongTensor | None,
         pixel_values: torch.FloatTensor | None,
         mm_encoder_outputs: dict | None,
+        tokens_per_image: int | None = None,
         **vision_kwargs,
     ) -> BaseModelOutputWithPooling | None:
         """Encodes the images (unless `mm_encoder_outputs` holds them) and merges them into the step's placeholders
@@ -332,8 +353,9 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             image_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
         if image_outputs is not None:
             step.hidden_states, step.tokens_per_image = self.merge_image_features(
-                step.hidden_states, step.image_mask, image_outputs.pooler_output
+                step.hidden_states, step.image_mask, image_outputs.pooler_output, tokens_per_image
             )
+            step.split_images = step.tokens_per_image is None
         elif not step.decoding and bool(step.image_mask.any()):
             raise ValueError(
                 f"The input contains {int(step.image_mask.sum())} image tokens (id {self.config.image_token_id}) but "
@@ -391,7 +413,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         plan = self.plan_sparse_layer(step, settings)
         if cache is not None:
             # Seen/kept counts behind the cache's `sparsity_report()`.
-            if step.tokens_per_image is not None:
+            if step.tokens_per_image is not None or step.split_images:
                 image_tokens = step.image_mask & step.valid
                 cache.record_tokens("image", image_tokens.sum(-1), (step.image_mask & plan.persist).sum(-1))
             if step.decoding:
@@ -427,6 +449,8 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         output_attentions: bool | None = None,
         sparsity: "SparsitySettings | dict | bool | None" = None,
         num_generated_tokens: int = 0,
+        prefill: bool = False,
+        tokens_per_image: int | None = None,
         labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
         past_key_values: DynamicLlavaCache | None = None,
@@ -442,6 +466,12 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         num_generated_tokens (`int`, *optional*, defaults to 0):
             Without a cache: the last `num_generated_tokens` inputs are model outputs, pruned by the output-text
             predictor as cached decoding would (the newest is always computed). `generate(use_cache=False)` sets it.
+        prefill (`bool`, *optional*, defaults to `False`):
+            The inputs are prompt tokens, even a single one after a cached prefix, which otherwise counts as a generated
+            token and is gated by the output-text predictor. `generate()` sets it for its prefill.
+        tokens_per_image (`int`, *optional*):
+            Image tokens per image, for image features that come as one block of several images (`generate()` passes
+            each prefill chunk its share of the features that way, and sets this).
         labels (`torch.LongTensor`, *optional*):
             In training only: each row's last reply (its supervised tokens) is what the output-text predictor masks.
         """
@@ -454,12 +484,13 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         if training:
             self.check_training_call(settings, cache is not None, inputs_embeds)
 
-        step = self.start_step(inputs_embeds, attention_mask, position_ids, cache, num_generated_tokens)
+        step = self.start_step(inputs_embeds, attention_mask, position_ids, cache, num_generated_tokens, prefill)
         image_outputs = self.embed_images(
             step,
             input_ids,
             pixel_values,
             mm_encoder_outputs,
+            tokens_per_image,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             image_sizes=image_sizes,
@@ -519,13 +550,15 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
         output_attentions: bool | None = None,
         sparsity: "SparsitySettings | dict | bool | None" = None,
         num_generated_tokens: int = 0,
+        prefill: bool = False,
+        tokens_per_image: int | None = None,
         return_dict: bool | None = None,
         past_key_values: DynamicLlavaCache | None = None,
         **kwargs,
     ) -> DynamicLlavaCausalLMOutputWithPast | tuple:
         r"""
-        Same as [`~transformers.LlavaForConditionalGeneration.forward`], plus `sparsity` and `num_generated_tokens`
-        (see [`DynamicLlavaModel.forward`]). The cache may be passed as `cache` or `past_key_values`.
+        Same as [`~transformers.LlavaForConditionalGeneration.forward`], plus `sparsity`, `num_generated_tokens`,
+        `prefill` and `tokens_per_image` (see [`DynamicLlavaModel.forward`]). The cache may be passed as `cache` or `past_key_values`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -543,6 +576,8 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
             output_attentions=output_attentions,
             sparsity=sparsity,
             num_generated_tokens=num_generated_tokens,
+            prefill=prefill,
+            tokens_per_image=tokens_per_image,
             labels=labels,
             **kwargs,
         )
@@ -587,6 +622,66 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
         cache = model_kwargs.get(CACHE_NAME)
         if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
             model_kwargs[CACHE_NAME] = DynamicLlavaCache(self.config)
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        added = {"prefill": True}  # all of it is prompt, even a 1-token chunk: no output-text gating
+        if generation_config.prefill_chunk_size is not None:
+            self.check_prefill_chunks(input_ids, model_kwargs, generation_config.prefill_chunk_size)
+            encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+            if encoded is not None:  # chunks get their images' features in one block: say how to regroup them
+                added["tokens_per_image"] = len(encoded.pooler_output[0])
+        model_kwargs.update(added)
+        try:
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            for key in added:
+                model_kwargs.pop(key, None)
+
+    def check_prefill_chunks(self, input_ids: torch.LongTensor, model_kwargs: dict, chunk_size: int) -> None:
+        """Refuses, before anything runs, a chunked prefill whose result would differ from the whole prompt's.
+
+        Chunks are exact when each image lies inside one chunk: the image predictor ranks an image's tokens together
+        at `sparse_layer`. The instruct predictor (text after the last image) and the random and FastV selectors (one
+        random draw per call; the text after the image ranks it) judge the whole prompt at once, so with them the
+        prompt must be one chunk.
+        """
+        cache = model_kwargs.get(CACHE_NAME)
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = model_kwargs.get("attention_mask")
+        prompt = input_ids[:, past:] if mask is not None and mask.shape[1] == input_ids.shape[1] else input_ids
+        if prompt.shape[1] <= chunk_size:
+            return
+        settings = resolve_sparsity(self.model, model_kwargs.get("sparsity"))
+        image_mask = prompt == self.config.image_token_id
+        whole_prompt = f"pass prefill_chunk_size >= {prompt.shape[1]} (the prompt's length) or no prefill_chunk_size"
+        if settings.use_instruct_predictor:
+            raise ValueError(
+                "Chunked prefill is not supported with the instruct predictor, which prunes the prompt text after the "
+                f"images as a whole: {whole_prompt}, or switch it off with sparsity={{'use_instruct_predictor': False}}."
+            )
+        if not (settings.use_vision_predictor and bool(image_mask.any())):
+            return
+        if settings.vision_selector != "learned":
+            raise ValueError(
+                f"Chunked prefill is not supported with vision_selector={settings.vision_selector!r}, which ranks each "
+                f"image against the whole prompt: {whole_prompt}."
+            )
+        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        tokens_per_image = len(encoded.pooler_output[0]) if encoded is not None else self.config.image_seq_length
+        for row, positions in enumerate(image_mask.nonzero()[:, 1].split(image_mask.sum(-1).tolist())):
+            if len(positions) % tokens_per_image:
+                continue  # the forward reports the wrong image-token count with its own error
+            for image, (first, last) in enumerate(positions.view(-1, tokens_per_image)[:, [0, -1]].tolist()):
+                if first // chunk_size != last // chunk_size:
+                    last_image_end = int(image_mask.nonzero()[:, 1].max()) + 1
+                    raise ValueError(
+                        f"prefill_chunk_size={chunk_size} splits image {image} of row {row} (prompt positions {first} "
+                        f"to {last}) across two chunks. Dynamic-LLaVA prunes each image's tokens together at "
+                        "sparse_layer, so every image must lie inside one chunk: pick a chunk size whose boundaries "
+                        f"(multiples of it) fall outside every image, e.g. prefill_chunk_size >= {last_image_end} (all "
+                        "images in the first chunk), or switch image pruning off with "
+                        "sparsity={'use_vision_predictor': False}."
+                    )
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
