@@ -225,6 +225,11 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
 
+    def get_image_features(self, pixel_values: torch.FloatTensor, *args, **kwargs):
+        # generate() encodes the images through this method before the first forward: check them here, not only there.
+        self.check_pixel_values(pixel_values)
+        return super().get_image_features(pixel_values, *args, **kwargs)
+
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         vision = self.config.vision_config
         expected = (getattr(vision, "num_channels", 3), vision.image_size, vision.image_size)
@@ -268,9 +273,10 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         num_tokens = int(tokens_per_row.sum())
         if num_tokens != num_features:
             raise ValueError(
-                f"The input has {num_tokens} image tokens (id {self.config.image_token_id}) but the "
-                f"{len(image_features)} image(s) give {num_features} features ({tokens_per_image} per image): the "
-                f"prompt must contain {tokens_per_image} image tokens per image."
+                f"Image features and image tokens do not match, tokens: {num_tokens}, features: {num_features}. The "
+                f"input has {num_tokens} image tokens (id {self.config.image_token_id}) but the {len(image_features)} "
+                f"image(s) give {num_features} features ({tokens_per_image} per image): the prompt must contain "
+                f"{tokens_per_image} image tokens per image."
             )
         if bool((tokens_per_row % tokens_per_image).any()):
             raise ValueError(
@@ -349,18 +355,19 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
             image_outputs = mm_encoder_outputs["image"]
         elif pixel_values is not None:
-            self.check_pixel_values(pixel_values)
             image_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
         if image_outputs is not None:
             step.hidden_states, step.tokens_per_image = self.merge_image_features(
                 step.hidden_states, step.image_mask, image_outputs.pooler_output, tokens_per_image
             )
             step.split_images = step.tokens_per_image is None
-        elif not step.decoding and bool(step.image_mask.any()):
-            raise ValueError(
-                f"The input contains {int(step.image_mask.sum())} image tokens (id {self.config.image_token_id}) but "
-                "no pixel_values or image features were given."
+        elif bool(step.image_mask.any()):
+            # As in Llava: without images, placeholder ids are ordinary tokens (and nothing is pruned).
+            logger.warning_once(
+                f"The input contains image tokens (id {self.config.image_token_id}) but no pixel_values or image "
+                "features: they are treated as ordinary text tokens."
             )
+            step.image_mask = torch.zeros_like(step.image_mask)
         return image_outputs
 
     def layer_groups(self) -> tuple[nn.ModuleList, nn.ModuleList]:
