@@ -64,7 +64,7 @@ class RecipeTrainingArguments(DynamicLlavaTrainingArguments):
     gradient_accumulation_steps: int = 1
     bf16: bool = field(default_factory=torch.cuda.is_available)
     tf32: bool | None = field(default_factory=lambda: True if torch.cuda.is_available() else None)
-    gradient_checkpointing: bool = True
+    activation_checkpointing: bool = True
     logging_steps: float = 1
     save_strategy: str = "steps"
     save_steps: float = 50000

@@ -63,7 +63,7 @@ def main(request_path: str, output_path: str) -> None:
         return_dict_in_generate=True,
         output_scores=True,
     )
-    cache = generated.past_key_values
+    cache = generated["cache"] if "cache" in generated else generated["past_key_values"]  # 5.24 renamed it
     with torch.no_grad():
         prefill = model(**inputs)
 

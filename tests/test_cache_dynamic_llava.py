@@ -127,3 +127,19 @@ def test_protocol_errors_are_clear():
 
 def test_empty_layout_is_the_layout_without_a_cache():
     assert KeyLayout.empty() == KeyLayout(lengths=None, past_width=0, in_place=False, uniform=True)
+
+
+def test_public_keys_and_values_show_stored_entries_not_the_buffer():
+    cache = new_cache()
+    ids = torch.arange(1, 24)[None].expand(2, -1)  # 23 tokens per row
+    keep_row_0 = torch.ones(2, 23, dtype=torch.bool)
+    keep_row_0[0, ::2] = False  # row 0 stores 11 entries in the sparse group, row 1 all 23
+    step(cache, ids, torch.ones(2, 23, dtype=torch.bool), keep_row_0)
+    assert cache.layers[0].capacity >= 64  # preallocated room to grow...
+    for layer, longest in ((0, 23), (1, 23), (2, 23)):
+        # ...but the public view is [batch, heads, longest row's stored length, head_dim]
+        assert cache.layers[layer].keys.shape == (2, HEADS, longest, HEAD_DIM)
+        assert cache.layers[layer].values.shape == (2, HEADS, longest, HEAD_DIM)
+    step(cache, ids, torch.ones(2, 23, dtype=torch.bool), torch.zeros(2, 23, dtype=torch.bool))
+    assert cache.layers[0].keys.shape[2] == 46 and cache.layers[2].keys.shape[2] == 23
+    assert stored(cache, 2, 0) == list(range(2, 24, 2))

@@ -13,6 +13,7 @@ import torch
 import transformers.integrations.flash_attention as flash_integration
 import transformers.modeling_flash_attention_utils as flash_utils
 
+from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from mask_reference import generation_positions
 from tiny_models import VOCAB_SIZE, build_prompts, tiny_model
 
@@ -235,7 +236,7 @@ def test_prefill_matches_sdpa(models, flash_kernels, sparsity):
 
     valid = attention_mask.bool()
     assert max_diff(actual.logits[valid], expected.logits[valid]) <= TOLERANCE
-    assert torch.equal(actual.past_key_values.stored_lengths(), expected.past_key_values.stored_lengths())
+    assert torch.equal(actual.get(CACHE_NAME).stored_lengths(), expected.get(CACHE_NAME).stored_lengths())
 
     # Every decoder layer unpadded its left-padded rows (one varlen call each); the vision tower used the dense kernel.
     varlen = flash_kernels.varlen_calls()
@@ -269,7 +270,7 @@ def chat(model, rows):
             output_logits=True,
             return_dict_in_generate=True,
         )
-        cache = copy.deepcopy(answer.past_key_values)  # keep the answer's cache as generate returned it
+        cache = copy.deepcopy(answer.get(CACHE_NAME))  # keep the answer's cache as generate returned it
         assert cache.get_seq_length() == answer.sequences.shape[1] - 1
         new_tokens = torch.randint(3, VOCAB_SIZE - 2, (len(rows), 4), generator=torch.Generator().manual_seed(1))
         turn_ids = torch.cat([answer.sequences[:, -1:], new_tokens], dim=-1)
@@ -277,7 +278,7 @@ def chat(model, rows):
         full_mask = torch.cat([attention_mask, torch.ones(len(rows), answered + 4, dtype=torch.long)], dim=-1)
         # Each row continues from its own last position.
         positions = (full_mask.cumsum(-1) - 1)[:, -turn_ids.shape[1] :]
-        turn = model(input_ids=turn_ids, attention_mask=full_mask, past_key_values=cache, position_ids=positions)
+        turn = model(input_ids=turn_ids, attention_mask=full_mask, cache=cache, position_ids=positions)
     return answer, turn
 
 
@@ -286,9 +287,9 @@ def assert_chats_match(actual, expected):
     assert torch.equal(answer.sequences, expected_answer.sequences)
     assert len(answer.logits) == len(expected_answer.logits) > 1
     assert max(max_diff(a, e) for a, e in zip(answer.logits, expected_answer.logits)) <= TOLERANCE
-    assert torch.equal(answer.past_key_values.stored_lengths(), expected_answer.past_key_values.stored_lengths())
+    assert torch.equal(answer.get(CACHE_NAME).stored_lengths(), expected_answer.get(CACHE_NAME).stored_lengths())
     assert max_diff(turn.logits, expected_turn.logits) <= TOLERANCE
-    assert torch.equal(turn.past_key_values.stored_lengths(), expected_turn.past_key_values.stored_lengths())
+    assert torch.equal(turn.get(CACHE_NAME).stored_lengths(), expected_turn.get(CACHE_NAME).stored_lengths())
 
 
 def test_generation_and_next_turn_match_sdpa(models, flash_kernels):
@@ -297,7 +298,7 @@ def test_generation_and_next_turn_match_sdpa(models, flash_kernels):
     actual = chat(flash, MIXED_ROWS)
     assert_chats_match(actual, expected)
 
-    stored = expected[0].past_key_values.stored_lengths()
+    stored = expected[0].get(CACHE_NAME).stored_lengths()
     # The output-text predictor made the sparse layers' rows ragged beyond the prompt padding.
     assert len(set(stored[-1].tolist())) > 1
     varlen = flash_kernels.varlen_calls()

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
+from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from dynamic_llava_hf import DynamicLlavaCache
 from mask_reference import reference_greedy
 from tiny_models import PAD_TOKEN_ID, build_prompts, images_per_row, tiny_model
@@ -48,14 +49,14 @@ def test_batched_greedy_equals_per_row(attn_implementation):
         assert torch.equal(batched.sequences[row, prompt:], alone.sequences[0, ids.shape[1] :])
         assert (torch.stack(batched.logits)[:, row] - torch.stack(alone.logits)[:, 0]).abs().max() <= 1e-5
         assert torch.equal(
-            batched.past_key_values.stored_lengths()[:, row], alone.past_key_values.stored_lengths()[:, 0]
+            batched.get(CACHE_NAME).stored_lengths()[:, row], alone.get(CACHE_NAME).stored_lengths()[:, 0]
         )
-    stored = batched.past_key_values.stored_lengths()
+    stored = batched.get(CACHE_NAME).stored_lengths()
     sparse_layer = model.config.sparse_layer
     # Ragged for real: rows differ, and the sparse layers store fewer entries than the full ones.
     assert len(set(stored[sparse_layer].tolist())) == len(ROWS)
     assert (stored[sparse_layer] < stored[0]).all()
-    kept_generated = [r["generated_tokens_kept"] for r in batched.past_key_values.sparsity_report()]
+    kept_generated = [r["generated_tokens_kept"] for r in batched.get(CACHE_NAME).sparsity_report()]
     assert len(set(kept_generated)) > 1, "rows should keep different numbers of generated tokens"
 
 
@@ -70,7 +71,7 @@ def test_batched_beam_search_equals_per_row(attn_implementation):
         alone = generate(model, ids, mask, pixels, **kwargs)
         assert torch.equal(batched.sequences[row, prompt:], alone.sequences[0, ids.shape[1] :])
         assert (batched.sequences_scores[row] - alone.sequences_scores[0]).abs() <= 1e-5
-    assert isinstance(batched.past_key_values, DynamicLlavaCache)
+    assert isinstance(batched.get(CACHE_NAME), DynamicLlavaCache)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -81,7 +82,7 @@ def test_uncached_generation_equals_cached(attn_implementation):
     uncached = generate(model, input_ids, attention_mask, pixel_values, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
     assert (torch.stack(cached.logits) - torch.stack(uncached.logits)).abs().max() <= 1e-5
-    assert uncached.past_key_values is None
+    assert uncached.get(CACHE_NAME) is None
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -107,7 +108,7 @@ def test_long_decode_grows_the_cache_geometrically():
     model = tiny_model()
     input_ids, attention_mask, pixel_values = build_prompts([(3, 1, 5), (8, 1, 2), (1, 1, 1), (5, 1, 3)])
     out = generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=200, output_logits=False)
-    cache = out.past_key_values
+    cache = out.get(CACHE_NAME)
     layers = len(cache.layers)
     # 200 steps with one reallocation per step would be 200 growth events per layer; amortised growth needs a few.
     assert cache.growth_events() <= 6 * layers
@@ -133,7 +134,7 @@ def test_sampling_multiple_sequences_and_streaming():
     torch.manual_seed(3)
     sampled = generate(model, input_ids, attention_mask, pixel_values, do_sample=True, num_return_sequences=2)
     assert sampled.sequences.shape == (6, input_ids.shape[1] + NEW_TOKENS)
-    assert sampled.past_key_values.stored_lengths().shape == (4, 6)
+    assert sampled.get(CACHE_NAME).stored_lengths().shape == (4, 6)
 
     row_ids, row_mask = input_ids[:1, attention_mask[0].bool()], None
     streamer = CollectingStreamer()
@@ -153,11 +154,11 @@ def test_chat_continuation_with_the_returned_cache(attn_implementation):
 
     def two_turns(ids, mask, pixels):
         first = generate(model, ids, mask, pixels, max_new_tokens=6)
-        seen = first.past_key_values.get_seq_length()
+        seen = first.get(CACHE_NAME).get_seq_length()
         ids = torch.cat([first.sequences, second_turn[: ids.shape[0]]], dim=1)
         mask = torch.cat([mask, torch.ones(ids.shape[0], ids.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
-        second = generate(model, ids, mask, None, past_key_values=first.past_key_values, max_new_tokens=6)
-        assert second.past_key_values.get_seq_length() == seen + 1 + second_turn.shape[1] + 5
+        second = generate(model, ids, mask, None, max_new_tokens=6, **{CACHE_NAME: first.get(CACHE_NAME)})
+        assert second.get(CACHE_NAME).get_seq_length() == seen + 1 + second_turn.shape[1] + 5
         return second
 
     batched = two_turns(input_ids, attention_mask, pixel_values)
@@ -170,8 +171,8 @@ def test_chat_continuation_with_the_returned_cache(attn_implementation):
 def test_an_empty_dynamic_cache_is_replaced():
     model = tiny_model()
     input_ids, attention_mask, pixel_values = build_prompts(ROWS)
-    out = generate(model, input_ids, attention_mask, pixel_values, past_key_values=DynamicCache())
-    assert isinstance(out.past_key_values, DynamicLlavaCache)
+    out = generate(model, input_ids, attention_mask, pixel_values, **{CACHE_NAME: DynamicCache()})
+    assert isinstance(out.get(CACHE_NAME), DynamicLlavaCache)
     reference = generate(model, input_ids, attention_mask, pixel_values)
     assert torch.equal(out.sequences, reference.sequences)
 
@@ -185,23 +186,23 @@ def test_unsupported_caches_and_assisted_decoding_are_refused():
         generate(model, input_ids, attention_mask, pixel_values, cache_implementation="quantized")
     static = StaticCache(config=model.config.text_config, max_cache_len=64)
     with pytest.raises(TypeError, match="DynamicLlavaCache"):
-        generate(model, input_ids, attention_mask, pixel_values, past_key_values=static)
+        generate(model, input_ids, attention_mask, pixel_values, **{CACHE_NAME: static})
     with pytest.raises(ValueError, match="Assisted"):
         generate(model, input_ids, attention_mask, pixel_values, prompt_lookup_num_tokens=2)
     out = generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=2)
     with pytest.raises(NotImplementedError, match="cropped"):
-        out.past_key_values.crop(3)
+        out.get(CACHE_NAME).crop(3)
 
 
 def test_cache_bookkeeping_survives_beam_reordering():
     model = tiny_model()
     input_ids, attention_mask, pixel_values = build_prompts(ROWS)
     out = generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=3)
-    cache = copy.deepcopy(out.past_key_values)
+    cache = copy.deepcopy(out.get(CACHE_NAME))
     order = torch.tensor([2, 0, 1])
     cache.reorder_cache(order)
-    assert torch.equal(cache.stored_lengths(), out.past_key_values.stored_lengths()[:, order])
-    original = out.past_key_values.sparsity_report()
+    assert torch.equal(cache.stored_lengths(), out.get(CACHE_NAME).stored_lengths()[:, order])
+    original = out.get(CACHE_NAME).sparsity_report()
     assert cache.sparsity_report() == [original[i] for i in order.tolist()]
     cache.batch_repeat_interleave(2)
     assert cache.stored_lengths().shape == (4, 6)
@@ -241,13 +242,13 @@ def test_save_and_reload_with_auto_classes(tmp_path):
 def test_sparsity_report_counts_what_was_kept():
     model = tiny_model()
     input_ids, attention_mask, pixel_values = build_prompts(ROWS)
-    dense = generate(model, input_ids, attention_mask, pixel_values, sparsity=False).past_key_values
+    dense = generate(model, input_ids, attention_mask, pixel_values, sparsity=False).get(CACHE_NAME)
     for entry in dense.sparsity_report():
         assert (entry["image_tokens_kept"], entry["image_tokens_total"]) == (9, 9)
         assert (entry["generated_tokens_kept"], entry["generated_tokens_total"]) == (NEW_TOKENS - 1, NEW_TOKENS - 1)
         assert entry["stored_kv_bytes"] == entry["dense_kv_bytes"] and entry["kv_bytes_ratio"] == 1.0
 
-    sparse = generate(model, input_ids, attention_mask, pixel_values).past_key_values
+    sparse = generate(model, input_ids, attention_mask, pixel_values).get(CACHE_NAME)
     stored = sparse.stored_lengths()
     for row, entry in enumerate(sparse.sparsity_report()):
         assert (entry["image_tokens_kept"], entry["image_tokens_total"]) == (4, 9)

@@ -1,9 +1,12 @@
 """Prefill: equivalence with transformers' Llava, with a mask-based reference, and batched with per-row runs."""
 
+import logging
+
 import pytest
 import torch
 
 from dynamic_llava_hf import DynamicLlavaForConditionalGeneration, SparsitySettings
+from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from mask_reference import generation_positions, reference_forward
 from tiny_models import IMAGE_SIZE, build_prompts, images_per_row, llava_twin, tiny_config, tiny_model
 
@@ -87,7 +90,7 @@ def test_batched_equals_each_row_alone(attn_implementation, instruct):
     model = tiny_model(attn_implementation, use_instruct_predictor=instruct)
     input_ids, attention_mask, pixel_values = build_prompts(RAGGED_ROWS)
     batched = run(model, input_ids, attention_mask, pixel_values, output_hidden_states=True)
-    batched_lengths = batched.past_key_values.stored_lengths()
+    batched_lengths = batched.get(CACHE_NAME).stored_lengths()
 
     for row, pixels in enumerate(split_pixels(pixel_values, RAGGED_ROWS)):
         real = attention_mask[row].bool()
@@ -100,7 +103,7 @@ def test_batched_equals_each_row_alone(attn_implementation, instruct):
             assert torch.equal(batched.kept_image_token_indices[row], alone.kept_image_token_indices[0])
         for ours, theirs in zip(batched.hidden_states, alone.hidden_states):
             assert (ours[row, real] - theirs[0]).abs().max() <= 1e-5
-        assert torch.equal(batched_lengths[:, row], alone.past_key_values.stored_lengths()[:, 0])
+        assert torch.equal(batched_lengths[:, row], alone.get(CACHE_NAME).stored_lengths()[:, 0])
     # The text-only row keeps everything; the stored lengths differ per row and per layer group.
     assert batched.kept_image_token_indices[1].numel() == 0
     assert batched_lengths[0, 1] == batched_lengths[2, 1] == attention_mask[1].sum()
@@ -163,8 +166,8 @@ def test_bad_inputs_raise_clear_errors():
         run(model, input_ids, attention_mask, torch.randn(3, 3, IMAGE_SIZE + 14, IMAGE_SIZE))
     with pytest.raises(ValueError, match="pixel_values must have shape"):
         run(model, input_ids, attention_mask, torch.randn(3, IMAGE_SIZE, IMAGE_SIZE))
-    with pytest.raises(ValueError, match="no pixel_values"):
-        run(model, input_ids, attention_mask, None)
+    with pytest.raises(ValueError, match="Image features and image tokens do not match, tokens: 26, features: 27"):
+        run(model, too_few, attention_mask, pixel_values)
     for rate in (0, 1.5):
         with pytest.raises(ValueError, match="vision_keep_rate"):
             run(model, input_ids, attention_mask, pixel_values, sparsity={"vision_keep_rate": rate})
@@ -176,3 +179,31 @@ def test_bad_inputs_raise_clear_errors():
         run(model, input_ids, attention_mask[:, :, None, None].float(), pixel_values)
     with pytest.raises(ValueError, match="sparse_layer"):
         DynamicLlavaForConditionalGeneration(tiny_config(sparse_layer=4))
+
+
+def test_image_tokens_without_images_are_ordinary_tokens_as_in_llava(caplog):
+    model = tiny_model()
+    input_ids, attention_mask, _ = build_prompts(MIXED_ROWS)
+    logging.Logger.warning_once.cache_clear()  # transformers logs this once per process
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        out = run(model, input_ids, attention_mask, None)
+    assert any("no pixel_values or image features" in record.getMessage() for record in caplog.records)
+    assert out.kept_image_token_indices is None
+    with torch.no_grad():
+        expected = llava_twin(model, "sdpa")(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=generation_positions(attention_mask)
+        )
+    valid = attention_mask.bool()
+    torch.testing.assert_close(out.logits[valid], expected.logits[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_checks_pixel_values_before_encoding_them():
+    model = tiny_model()
+    input_ids, attention_mask, _ = build_prompts(MIXED_ROWS)
+    with pytest.raises(ValueError, match="pixel_values must have shape"):
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=torch.randn(3, 3, IMAGE_SIZE + 14, IMAGE_SIZE),
+            max_new_tokens=2,
+        )

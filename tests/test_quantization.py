@@ -9,6 +9,7 @@ import importlib.util
 
 import pytest
 import torch
+from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from tiny_checkpoint import save_tiny_checkpoint, tiny_images
 from torch import nn
 from transformers import AutoModel, AutoModelForImageTextToText, BitsAndBytesConfig
@@ -101,7 +102,7 @@ def test_disk_offload_gives_identical_outputs(checkpoint, tmp_path):
     out = greedy(model, inputs)
     assert torch.equal(out.sequences, expected.sequences)
     assert torch.equal(torch.stack(out.scores), torch.stack(expected.scores))
-    assert torch.equal(out.past_key_values.stored_lengths(), expected.past_key_values.stored_lengths())
+    assert torch.equal(out.get(CACHE_NAME).stored_lengths(), expected.get(CACHE_NAME).stored_lengths())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def test_8bit_quantises_the_decoder_only_and_generates(checkpoint):
 
     out = greedy(model, inputs)
     assert out.sequences.shape == (2, inputs["input_ids"].shape[1] + MAX_NEW_TOKENS)
-    report = out.past_key_values.sparsity_report()
+    report = out.get(CACHE_NAME).sparsity_report()
     assert [(row["image_tokens_kept"], row["image_tokens_total"]) for row in report] == [(4, 9), (4, 9)]
     # int8 weights: close to the float model, not equal.
     logits, expected = prefill_logits(model, inputs), prefill_logits(reference, inputs)
@@ -137,7 +138,7 @@ def test_4bit_quantises_the_decoder_only_and_generates(checkpoint):
         assert_quantised_where_it_should_be(model, "Linear4bit")
         out = greedy(model, inputs)
         assert out.sequences.shape == (2, inputs["input_ids"].shape[1] + MAX_NEW_TOKENS)
-        assert all(row["image_tokens_kept"] == 4 for row in out.past_key_values.sparsity_report())
+        assert all(row["image_tokens_kept"] == 4 for row in out.get(CACHE_NAME).sparsity_report())
         # 4-bit weights of a random model: the logits keep their direction.
         similarity = nn.functional.cosine_similarity(prefill_logits(model, inputs), prefill_logits(reference, inputs))
         assert bool((similarity > 0.9).all()), similarity
@@ -196,9 +197,9 @@ def test_half_precision_loading(checkpoint, dtype):
 
     half_inputs = {**inputs, "pixel_values": inputs["pixel_values"].to(dtype)}  # as the pipeline casts them
     out = greedy(model, half_inputs)
-    report = out.past_key_values.sparsity_report()
+    report = out.get(CACHE_NAME).sparsity_report()
     assert all(row["image_tokens_kept"] == 4 and row["generated_tokens_total"] == MAX_NEW_TOKENS - 1 for row in report)
-    assert out.past_key_values.layers[-1].keys.dtype == dtype
+    assert out.get(CACHE_NAME).layers[-1].keys.dtype == dtype
     with torch.no_grad():
         logits = model(**half_inputs).logits[:, -1]
     assert logits.dtype == dtype and bool(logits.isfinite().all())

@@ -7,6 +7,7 @@ on it (batch size 1, float32, sdpa). It is loaded here through our converter.
 import pytest
 import torch
 
+from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from dynamic_llava_hf.convert import load_original_checkpoint
 from dynamic_llava_hf.reference_check import REFERENCE_SCENARIOS as SCENARIOS
 from dynamic_llava_hf.reference_check import reference_input_ids
@@ -78,7 +79,7 @@ def test_prefill_matches_official(models, reference, sample_index, scenario):
     for layer, reference_states in enumerate(forward["hidden_states"]):
         rows = slice(None) if layer <= model.config.sparse_layer else survivors
         assert (out.hidden_states[layer][0, rows] - reference_states).abs().max() <= ATOL
-    assert out.past_key_values.stored_lengths()[:, 0].tolist() == forward["kv_len_per_layer"]
+    assert out.get(CACHE_NAME).stored_lengths()[:, 0].tolist() == forward["kv_len_per_layer"]
     assert out.image_hidden_states[0].sub(forward["image_features"]).abs().max() <= ATOL
 
 
@@ -124,12 +125,12 @@ def test_cached_generation_matches_official(models, reference, sample_index, sce
     prompt_length = hf_input_ids(sample, model).shape[1]
     assert torch.equal(out.sequences[0, prompt_length:], expected["new_tokens"])
     assert (torch.stack(out.logits)[:, 0, :VOCAB] - expected["step_logits"]).abs().max() <= ATOL
-    assert out.past_key_values.stored_lengths()[:, 0].tolist() == expected["kv_len_per_layer"]
-    assert out.past_key_values.get_seq_length() == prompt_length + 23
+    assert out.get(CACHE_NAME).stored_lengths()[:, 0].tolist() == expected["kv_len_per_layer"]
+    assert out.get(CACHE_NAME).get_seq_length() == prompt_length + 23
     if "output_text_keep_decision" in expected:
         assert torch.equal(torch.stack(decisions), expected["output_text_keep_decision"])
         assert (torch.stack(predictor_logits) - expected["output_text_predictor_logits"]).abs().max() <= ATOL
-        report = out.past_key_values.sparsity_report()[0]
+        report = out.get(CACHE_NAME).sparsity_report()[0]
         assert report["generated_tokens_total"] == 23
         assert report["generated_tokens_kept"] == int(expected["output_text_keep_decision"].sum())
     else:

@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
+from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from tiny_checkpoint import chat, save_tiny_checkpoint, tiny_images
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 from transformers.dynamic_module_utils import get_class_from_dynamic_module, get_relative_import_files
@@ -148,8 +149,8 @@ def test_fresh_venv_loads_the_folder_with_trust_remote_code_and_generates_identi
     torch.testing.assert_close(remote["scores"], torch.stack(local.scores), atol=1e-5, rtol=0)
     torch.testing.assert_close(remote["prefill_logits"], prefill.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(remote["base_hidden"], base_hidden, atol=1e-5, rtol=0)
-    assert torch.equal(remote["stored_lengths"], local.past_key_values.stored_lengths())
-    assert remote["sparsity_report"] == local.past_key_values.sparsity_report()
+    assert torch.equal(remote["stored_lengths"], local.get(CACHE_NAME).stored_lengths())
+    assert remote["sparsity_report"] == local.get(CACHE_NAME).sparsity_report()
     # Sparsification really ran: 4 of 9 image tokens kept per image (vision_keep_rate 0.5).
     for kept_remote, kept_local in zip(remote["kept_image_token_indices"], prefill.kept_image_token_indices):
         assert torch.equal(kept_remote, kept_local) and len(kept_local) == 4
@@ -205,8 +206,8 @@ def test_remote_module_in_this_process_matches_the_installed_package(tmp_path):
         out = greedy(loaded, inputs)
         assert torch.equal(out.sequences, expected.sequences)
         torch.testing.assert_close(torch.stack(out.scores), torch.stack(expected.scores), atol=1e-5, rtol=0)
-    remote_cache = greedy(remote, inputs).past_key_values
+    remote_cache = greedy(remote, inputs).get(CACHE_NAME)
     assert type(remote_cache).__module__.startswith("transformers_modules.") and type(remote_cache) is not (
         DynamicLlavaCache
     )
-    assert torch.equal(remote_cache.stored_lengths(), expected.past_key_values.stored_lengths())
+    assert torch.equal(remote_cache.stored_lengths(), expected.get(CACHE_NAME).stored_lengths())

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from tiny_models import build_prompts, tiny_model
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -112,9 +113,9 @@ def test_training_forward_equals_physical_pruning_with_the_same_decisions(attn_i
             torch.testing.assert_close(
                 prefill.logits[0][kept], training_logits[0, :answer_start][kept], atol=1e-5, rtol=1e-5
             )
-            cache, decisions = prefill.past_key_values, []
+            cache, decisions = prefill.get(CACHE_NAME), []
             for position in range(answer_start, ids.shape[1]):
-                step = model(input_ids=ids[:, position : position + 1], past_key_values=cache, use_cache=True)
+                step = model(input_ids=ids[:, position : position + 1], cache=cache, use_cache=True)
                 torch.testing.assert_close(step.logits[0, -1], training_logits[0, position], atol=1e-5, rtol=1e-5)
                 decisions.append(bool(step.output_keep_decisions[0, 0]))
         assert 0 < sum(decisions) < len(decisions) or len(decisions) < 4  # the answer really was sparsified
@@ -235,7 +236,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(**batch).loss.backward()
     plain = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model(**batch).loss.backward()
     for name, param in model.named_parameters():
         if name in plain:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from tiny_models import build_prompts, images_per_row, llava_twin, tiny_config, tiny_model
 
 from dynamic_llava_hf import DynamicLlavaConfig, SparsitySettings
@@ -195,11 +196,11 @@ def test_generate_with_each_selector_reports_the_kept_image_tokens(selector):
     sparsity = {"vision_selector": selector, "vision_keep_rate": 0.2}
     prefill = run(model, input_ids, attention_mask, pixel_values, sparsity=sparsity)
     cached = generate(model, input_ids, attention_mask, pixel_values, sparsity=sparsity)
-    for entry in cached.past_key_values.sparsity_report():
+    for entry in cached.get(CACHE_NAME).sparsity_report():
         assert (entry["image_tokens_kept"], entry["image_tokens_total"]) == (1, 9)
     # Prompt length - 8 dropped image tokens + kept generated tokens are stored in the sparse layers.
-    stored = cached.past_key_values.stored_lengths()[-1]
-    for row, entry in enumerate(cached.past_key_values.sparsity_report()):
+    stored = cached.get(CACHE_NAME).stored_lengths()[-1]
+    for row, entry in enumerate(cached.get(CACHE_NAME).sparsity_report()):
         assert stored[row] == int(attention_mask[row].sum()) - 8 + entry["generated_tokens_kept"]
     # The first generated token is the prefill's argmax, and decoding without a cache selects the same tokens.
     assert torch.equal(cached.sequences[:, input_ids.shape[1]], prefill.logits[:, -1].argmax(-1))
@@ -212,9 +213,9 @@ def test_generate_with_fastv_on_a_model_without_an_image_predictor():
     input_ids, attention_mask, pixel_values = build_prompts(ROWS)
     sparsity = {"use_vision_predictor": True, "vision_selector": "fastv", "vision_keep_rate": 0.2}
     out = generate(model, input_ids, attention_mask, pixel_values, sparsity=sparsity)
-    assert [entry["image_tokens_kept"] for entry in out.past_key_values.sparsity_report()] == [1, 1, 1]
+    assert [entry["image_tokens_kept"] for entry in out.get(CACHE_NAME).sparsity_report()] == [1, 1, 1]
     dense = generate(model, input_ids, attention_mask, pixel_values)
-    assert [entry["image_tokens_kept"] for entry in dense.past_key_values.sparsity_report()] == [9, 9, 9]
+    assert [entry["image_tokens_kept"] for entry in dense.get(CACHE_NAME).sparsity_report()] == [9, 9, 9]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

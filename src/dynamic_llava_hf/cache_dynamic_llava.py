@@ -107,32 +107,55 @@ class DynamicLlavaLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, rows: RowLengths):
+        self.key_buffer: torch.Tensor | None = None  # preallocated `[batch, kv_heads, capacity, head_dim]`
+        self.value_buffer: torch.Tensor | None = None
         super().__init__()
         self.rows = rows
         self.growth_events = 0  # reallocations; each copies this layer's buffer once
 
+    # The public view (what transformers' `Cache` users read): the stored entries only, `[batch, kv_heads, longest
+    # row's stored length, head_dim]`; row b's entries are its first `stored_lengths()[layer, b]`, the rest of a
+    # shorter row is padding. The buffer behind it, with room to grow, is `key_buffer` / `value_buffer`; assigning
+    # `keys` / `values` (as transformers' offloading does) replaces the buffer.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.key_buffer is None else self.key_buffer[:, :, : self.rows.max_length]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self.key_buffer = value
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.value_buffer is None else self.value_buffer[:, :, : self.rows.max_length]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self.value_buffer = value
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, head_dim = key_states.shape
-        self.keys = key_states.new_zeros(batch, heads, 0, head_dim)
-        self.values = value_states.new_zeros(batch, value_states.shape[1], 0, value_states.shape[-1])
+        self.key_buffer = key_states.new_zeros(batch, heads, 0, head_dim)
+        self.value_buffer = value_states.new_zeros(batch, value_states.shape[1], 0, value_states.shape[-1])
         self.is_initialized = True
 
     @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return 0 if self.key_buffer is None else self.key_buffer.shape[-2]
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
         capacity = _grown_capacity(needed)
-        grown_keys = self.keys.new_zeros(*self.keys.shape[:2], capacity, self.keys.shape[-1])
-        grown_values = self.values.new_zeros(*self.values.shape[:2], capacity, self.values.shape[-1])
+        keys, values = self.key_buffer, self.value_buffer
+        grown_keys = keys.new_zeros(*keys.shape[:2], capacity, keys.shape[-1])
+        grown_values = values.new_zeros(*values.shape[:2], capacity, values.shape[-1])
         if self.capacity > 0:
-            grown_keys[:, :, : self.capacity] = self.keys
-            grown_values[:, :, : self.capacity] = self.values
+            grown_keys[:, :, : self.capacity] = self.key_buffer
+            grown_values[:, :, : self.capacity] = self.value_buffer
             self.growth_events += 1
-        self.keys, self.values = grown_keys, grown_values
+        self.key_buffer, self.value_buffer = grown_keys, grown_values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -151,15 +174,15 @@ class DynamicLlavaLayer(CacheLayerMixin):
         if plan.in_place:
             # The new token goes to its row's next free slot; whether it stays there is decided in end_step.
             slot = lengths.view(batch, 1, 1, 1)
-            self.keys.scatter_(2, slot.expand_as(key_states), key_states)
-            self.values.scatter_(2, slot.expand_as(value_states), value_states)
-            return self.keys[:, :, : past_width + 1], self.values[:, :, : past_width + 1]
+            self.key_buffer.scatter_(2, slot.expand_as(key_states), key_states)
+            self.value_buffer.scatter_(2, slot.expand_as(value_states), value_states)
+            return self.key_buffer[:, :, : past_width + 1], self.value_buffer[:, :, : past_width + 1]
 
         if past_width == 0:
             attend_keys, attend_values = key_states, value_states
         else:
-            attend_keys = torch.cat([self.keys[:, :, :past_width], key_states], dim=-2)
-            attend_values = torch.cat([self.values[:, :, :past_width], value_states], dim=-2)
+            attend_keys = torch.cat([self.key_buffer[:, :, :past_width], key_states], dim=-2)
+            attend_values = torch.cat([self.value_buffer[:, :, :past_width], value_states], dim=-2)
         # Write all new tokens behind each row's entries, persisted ones first (in order): the rest lies beyond the
         # row's new length and is scratch.
         persist = plan.persist.to(key_states.device)
@@ -169,8 +192,8 @@ class DynamicLlavaLayer(CacheLayerMixin):
             persist.sum(-1, keepdim=True) + (~persist).cumsum(-1) - 1,
         )
         slots = (lengths[:, None] + rank).view(batch, 1, num_new, 1)
-        self.keys.scatter_(2, slots.expand_as(key_states), key_states)
-        self.values.scatter_(2, slots.expand_as(value_states), value_states)
+        self.key_buffer.scatter_(2, slots.expand_as(key_states), key_states)
+        self.value_buffer.scatter_(2, slots.expand_as(value_states), value_states)
         return attend_keys, attend_values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -184,12 +207,12 @@ class DynamicLlavaLayer(CacheLayerMixin):
 
     def select_rows(self, index: torch.Tensor) -> None:
         if self.is_initialized:
-            index = index.to(self.keys.device)
-            self.keys = self.keys[index]
-            self.values = self.values[index]
+            index = index.to(self.key_buffer.device)
+            self.key_buffer = self.key_buffer[index]
+            self.value_buffer = self.value_buffer[index]
 
     def reset(self) -> None:
-        self.keys = self.values = None
+        self.key_buffer = self.value_buffer = None
         self.is_initialized = False
 
 

@@ -62,6 +62,11 @@ class InferenceDecisionsMixin:
         plan = SparseLayerPlan.keep_all(step.valid)
         if not settings.enabled:
             return plan
+        if settings.use_vision_predictor and step.split_images:
+            raise ValueError(
+                "This input holds only part of an image (a prefill chunk boundary falls inside it), but image pruning "
+                "ranks each image's tokens together: feed every image whole, or switch image pruning off."
+            )
         if settings.use_vision_predictor and step.tokens_per_image is not None:
             self.prune_image_tokens(plan, step, settings)
         if settings.use_instruct_predictor:

@@ -8,7 +8,8 @@ key masks in the layers `>= sparse_layer`.
 
 The remote-code bundle, flat beside this file: `predictors_dynamic_llava.py` (the three predictors),
 `sparsity_dynamic_llava.py` (per-call settings, the step state, attention masks), `inference_dynamic_llava.py` and
-`training_dynamic_llava.py` (what is kept at `sparse_layer`), `cache_dynamic_llava.py` (the ragged KV cache) and
+`training_dynamic_llava.py` (what is kept at `sparse_layer`), `cache_dynamic_llava.py` (the ragged KV cache),
+`compat_dynamic_llava.py` (what differs between the supported transformers releases) and
 `configuration_dynamic_llava.py`. Everything else is transformers' Llava.
 """
 
@@ -19,16 +20,18 @@ from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMode
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
+    LlavaModelOutputWithPast,
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
 from transformers.utils import logging
 
 from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache, KeyLayout, cache_for_forward
+from .compat_dynamic_llava import CACHE_NAME, cache_and_image_fields, cache_argument
 from .configuration_dynamic_llava import DynamicLlavaConfig
 from .inference_dynamic_llava import InferenceDecisionsMixin
 from .predictors_dynamic_llava import DynamicLlavaImagePredictor, DynamicLlavaTextPredictor
@@ -55,10 +58,14 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
-class DynamicLlavaModelOutputWithPast(BaseModelOutputWithPast):
+class DynamicLlavaModelOutputWithPast(LlavaModelOutputWithPast):
     r"""
+    Same as [`~transformers.models.llava.modeling_llava.LlavaModelOutputWithPast`] (the cache is `cache` from
+    transformers 5.24 on, `past_key_values` before), plus:
+
     image_hidden_states (`torch.Tensor`, *optional*):
-        Projected image features, `[num_images, tokens_per_image, hidden_size]`.
+        Projected image features, `[num_images, tokens_per_image, hidden_size]` (a plain field on every supported
+        transformers release; 5.24 also fills `image_outputs`).
     kept_image_token_indices (`list[torch.LongTensor]`, *optional*):
         Per row, the indices (into that row's image tokens, ascending) of the image tokens kept at `sparse_layer`.
         `None` when no image pruning ran in this call.
@@ -81,6 +88,8 @@ class DynamicLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     Same as [`~transformers.models.llava.modeling_llava.LlavaCausalLMOutputWithPast`]. `logits` stay aligned with the
     input positions; positions removed at `sparse_layer` get zero logits.
 
+    image_hidden_states (`torch.Tensor`, *optional*):
+        See [`DynamicLlavaModelOutputWithPast`].
     kept_image_token_indices (`list[torch.LongTensor]`, *optional*):
         See [`DynamicLlavaModelOutputWithPast`].
     output_keep_decisions (`torch.BoolTensor`, *optional*):
@@ -95,6 +104,7 @@ class DynamicLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
         Realised keep ratios of a training forward, for logging (text: over the rows long enough to be sparsified).
     """
 
+    image_hidden_states: torch.Tensor | None = None
     kept_image_token_indices: list[torch.LongTensor] | None = None
     output_keep_decisions: torch.BoolTensor | None = None
     lm_loss: torch.FloatTensor | None = None
@@ -126,6 +136,7 @@ REMOTE_CODE_FILES = (
     "sparsity_dynamic_llava.py",
     "inference_dynamic_llava.py",
     "training_dynamic_llava.py",
+    "compat_dynamic_llava.py",
 )
 
 
@@ -214,6 +225,11 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
 
+    def get_image_features(self, pixel_values: torch.FloatTensor, *args, **kwargs):
+        # generate() encodes the images through this method before the first forward: check them here, not only there.
+        self.check_pixel_values(pixel_values)
+        return super().get_image_features(pixel_values, *args, **kwargs)
+
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         vision = self.config.vision_config
         expected = (getattr(vision, "num_channels", 3), vision.image_size, vision.image_size)
@@ -224,9 +240,27 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             )
 
     def merge_image_features(
-        self, inputs_embeds: torch.Tensor, image_mask: torch.Tensor, image_features: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, int]:
-        """Writes the image features into the placeholder positions; returns the embeddings and tokens per image."""
+        self,
+        inputs_embeds: torch.Tensor,
+        image_mask: torch.Tensor,
+        image_features: list[torch.Tensor],
+        tokens_per_image: int | None = None,
+    ) -> tuple[torch.Tensor, int | None]:
+        """Writes the image features into the placeholder positions; returns the embeddings and tokens per image.
+
+        With `tokens_per_image`, the features come as one block (a prefill chunk's share, as `generate()` slices
+        them) and are regrouped per image. If the chunk holds only part of an image, the features are placed as Llava
+        places them and the tokens per image are None: such images cannot be pruned.
+        """
+        if tokens_per_image is not None:
+            block = torch.cat([features.reshape(-1, features.shape[-1]) for features in image_features])
+            whole = not bool((image_mask.sum(-1) % tokens_per_image).any()) and block.shape[0] == int(image_mask.sum())
+            if not whole:
+                if block.shape[0] != int(image_mask.sum()):
+                    raise ValueError(f"{int(image_mask.sum())} image tokens but {block.shape[0]} image features")
+                block = block.to(inputs_embeds.device, inputs_embeds.dtype)
+                return inputs_embeds.masked_scatter(image_mask[..., None], block), None
+            image_features = block.split(tokens_per_image)
         tokens_per_image = {features.shape[0] for features in image_features}
         if len(tokens_per_image) != 1:
             raise ValueError(
@@ -239,9 +273,10 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         num_tokens = int(tokens_per_row.sum())
         if num_tokens != num_features:
             raise ValueError(
-                f"The input has {num_tokens} image tokens (id {self.config.image_token_id}) but the "
-                f"{len(image_features)} image(s) give {num_features} features ({tokens_per_image} per image): the "
-                f"prompt must contain {tokens_per_image} image tokens per image."
+                f"Image features and image tokens do not match, tokens: {num_tokens}, features: {num_features}. The "
+                f"input has {num_tokens} image tokens (id {self.config.image_token_id}) but the {len(image_features)} "
+                f"image(s) give {num_features} features ({tokens_per_image} per image): the prompt must contain "
+                f"{tokens_per_image} image tokens per image."
             )
         if bool((tokens_per_row % tokens_per_image).any()):
             raise ValueError(
@@ -268,6 +303,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         position_ids: torch.LongTensor | None,
         cache: DynamicLlavaCache | None,
         num_generated_tokens: int,
+        prefill: bool = False,
     ) -> DecoderStep:
         """The step state at the first decoder layer: padding mask, original positions and their RoPE."""
         past_seen = cache.get_seq_length() if cache is not None else 0
@@ -291,6 +327,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             valid=valid,
             past_seen=past_seen,
             num_generated_tokens=num_generated_tokens,
+            prefill=prefill,
             hidden_states=inputs_embeds,
             position_embeddings=self.language_model.rotary_emb(inputs_embeds, position_ids),
         )
@@ -301,10 +338,11 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         input_ids: torch.LongTensor | None,
         pixel_values: torch.FloatTensor | None,
         mm_encoder_outputs: dict | None,
+        tokens_per_image: int | None = None,
         **vision_kwargs,
-    ) -> list[torch.Tensor] | None:
+    ) -> BaseModelOutputWithPooling | None:
         """Encodes the images (unless `mm_encoder_outputs` holds them) and merges them into the step's placeholders
-        (setting `image_mask` and `tokens_per_image`); returns the image features.
+        (setting `image_mask` and `tokens_per_image`); returns the image encoder's output (features: `pooler_output`).
 
         A placeholder id the model generated itself (a decoding step, or the output part of a no-cache step) is an
         ordinary token, as in Llava.
@@ -313,24 +351,24 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             step.image_mask = self.image_token_mask(input_ids, step.hidden_states)
         if step.num_generated_tokens:
             step.image_mask[:, step.num_new - step.num_generated_tokens :] = False
-        image_features = None
+        image_outputs = None
         if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-            image_features = mm_encoder_outputs["image"].pooler_output
+            image_outputs = mm_encoder_outputs["image"]
         elif pixel_values is not None:
-            self.check_pixel_values(pixel_values)
-            image_features = self.get_image_features(
-                pixel_values=pixel_values, return_dict=True, **vision_kwargs
-            ).pooler_output
-        if image_features is not None:
+            image_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
+        if image_outputs is not None:
             step.hidden_states, step.tokens_per_image = self.merge_image_features(
-                step.hidden_states, step.image_mask, image_features
+                step.hidden_states, step.image_mask, image_outputs.pooler_output, tokens_per_image
             )
-        elif not step.decoding and bool(step.image_mask.any()):
-            raise ValueError(
-                f"The input contains {int(step.image_mask.sum())} image tokens (id {self.config.image_token_id}) but "
-                "no pixel_values or image features were given."
+            step.split_images = step.tokens_per_image is None
+        elif bool(step.image_mask.any()):
+            # As in Llava: without images, placeholder ids are ordinary tokens (and nothing is pruned).
+            logger.warning_once(
+                f"The input contains image tokens (id {self.config.image_token_id}) but no pixel_values or image "
+                "features: they are treated as ordinary text tokens."
             )
-        return image_features
+            step.image_mask = torch.zeros_like(step.image_mask)
+        return image_outputs
 
     def layer_groups(self) -> tuple[nn.ModuleList, nn.ModuleList]:
         """The text backbone's decoder layers below `sparse_layer` and from it on."""
@@ -359,7 +397,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
                 step.hidden_states,
                 attention_mask=mask,
                 position_embeddings=step.position_embeddings,
-                past_key_values=cache,
+                **{CACHE_NAME: cache},
                 **kwargs,
             )
             step.record_hidden_states()
@@ -382,7 +420,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         plan = self.plan_sparse_layer(step, settings)
         if cache is not None:
             # Seen/kept counts behind the cache's `sparsity_report()`.
-            if step.tokens_per_image is not None:
+            if step.tokens_per_image is not None or step.split_images:
                 image_tokens = step.image_mask & step.valid
                 cache.record_tokens("image", image_tokens.sum(-1), (step.image_mask & plan.persist).sum(-1))
             if step.decoding:
@@ -407,7 +445,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DynamicLlavaCache | None = None,
+        cache: DynamicLlavaCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -418,17 +456,29 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         output_attentions: bool | None = None,
         sparsity: "SparsitySettings | dict | bool | None" = None,
         num_generated_tokens: int = 0,
+        prefill: bool = False,
+        tokens_per_image: int | None = None,
         labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        past_key_values: DynamicLlavaCache | None = None,
         **kwargs,
     ) -> DynamicLlavaModelOutputWithPast | tuple:
         r"""
+        cache (`DynamicLlavaCache`, *optional*):
+            The KV cache to read and fill; `past_key_values` is the same argument under its pre-5.24 name (both are
+            accepted on every supported transformers release). An empty `DynamicCache` is replaced by a new one.
         sparsity (`SparsitySettings`, `dict` or `bool`, *optional*):
             This call's sparsification instead of the config's: `False` switches it off (plain LLaVA), a dict overrides
             fields of [`SparsitySettings`], e.g. `{"vision_selector": "fastv", "vision_keep_rate": 0.2}`.
         num_generated_tokens (`int`, *optional*, defaults to 0):
             Without a cache: the last `num_generated_tokens` inputs are model outputs, pruned by the output-text
             predictor as cached decoding would (the newest is always computed). `generate(use_cache=False)` sets it.
+        prefill (`bool`, *optional*, defaults to `False`):
+            The inputs are prompt tokens, even a single one after a cached prefix, which otherwise counts as a generated
+            token and is gated by the output-text predictor. `generate()` sets it for its prefill.
+        tokens_per_image (`int`, *optional*):
+            Image tokens per image, for image features that come as one block of several images (`generate()` passes
+            each prefill chunk its share of the features that way, and sets this).
         labels (`torch.LongTensor`, *optional*):
             In training only: each row's last reply (its supervised tokens) is what the output-text predictor masks.
         """
@@ -436,17 +486,18 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         self.check_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, output_attentions)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        cache, use_cache = self.resolve_cache(past_key_values, use_cache)
+        cache, use_cache = self.resolve_cache(cache_argument(cache, past_key_values), use_cache)
         training = self.training and settings.enabled
         if training:
             self.check_training_call(settings, cache is not None, inputs_embeds)
 
-        step = self.start_step(inputs_embeds, attention_mask, position_ids, cache, num_generated_tokens)
-        image_features = self.embed_images(
+        step = self.start_step(inputs_embeds, attention_mask, position_ids, cache, num_generated_tokens, prefill)
+        image_outputs = self.embed_images(
             step,
             input_ids,
             pixel_values,
             mm_encoder_outputs,
+            tokens_per_image,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             image_sizes=image_sizes,
@@ -468,9 +519,9 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
 
         output = DynamicLlavaModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache if use_cache else None,
             hidden_states=tuple(step.all_hidden_states) if step.all_hidden_states is not None else None,
-            image_hidden_states=torch.stack(list(image_features)) if image_features is not None else None,
+            image_hidden_states=torch.stack(list(image_outputs.pooler_output)) if image_outputs is not None else None,
+            **cache_and_image_fields(cache if use_cache else None, image_outputs),
             kept_image_token_indices=plan.kept_image_token_indices,
             output_keep_decisions=plan.output_keep_decisions,
             training_keep_masks=training_keep_masks,
@@ -493,7 +544,7 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DynamicLlavaCache | None = None,
+        cache: DynamicLlavaCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -506,19 +557,22 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
         output_attentions: bool | None = None,
         sparsity: "SparsitySettings | dict | bool | None" = None,
         num_generated_tokens: int = 0,
+        prefill: bool = False,
+        tokens_per_image: int | None = None,
         return_dict: bool | None = None,
+        past_key_values: DynamicLlavaCache | None = None,
         **kwargs,
     ) -> DynamicLlavaCausalLMOutputWithPast | tuple:
         r"""
-        Same as [`~transformers.LlavaForConditionalGeneration.forward`], plus `sparsity` and `num_generated_tokens`
-        (see [`DynamicLlavaModel.forward`]).
+        Same as [`~transformers.LlavaForConditionalGeneration.forward`], plus `sparsity`, `num_generated_tokens`,
+        `prefill` and `tokens_per_image` (see [`DynamicLlavaModel.forward`]). The cache may be passed as `cache` or `past_key_values`.
         """
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
@@ -529,6 +583,8 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
             output_attentions=output_attentions,
             sparsity=sparsity,
             num_generated_tokens=num_generated_tokens,
+            prefill=prefill,
+            tokens_per_image=tokens_per_image,
             labels=labels,
             **kwargs,
         )
@@ -543,9 +599,9 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
         output = DynamicLlavaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             image_hidden_states=outputs.image_hidden_states,
+            **cache_and_image_fields(outputs.get(CACHE_NAME), outputs.get("image_outputs")),
             kept_image_token_indices=outputs.kept_image_token_indices,
             output_keep_decisions=outputs.output_keep_decisions,
         )
@@ -570,13 +626,73 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
                 "cache_implementation unset."
             )
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_NAME)
         if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = DynamicLlavaCache(self.config)
+            model_kwargs[CACHE_NAME] = DynamicLlavaCache(self.config)
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        added = {"prefill": True}  # all of it is prompt, even a 1-token chunk: no output-text gating
+        if generation_config.prefill_chunk_size is not None:
+            self.check_prefill_chunks(input_ids, model_kwargs, generation_config.prefill_chunk_size)
+            encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+            if encoded is not None:  # chunks get their images' features in one block: say how to regroup them
+                added["tokens_per_image"] = len(encoded.pooler_output[0])
+        model_kwargs.update(added)
+        try:
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            for key in added:
+                model_kwargs.pop(key, None)
+
+    def check_prefill_chunks(self, input_ids: torch.LongTensor, model_kwargs: dict, chunk_size: int) -> None:
+        """Refuses, before anything runs, a chunked prefill whose result would differ from the whole prompt's.
+
+        Chunks are exact when each image lies inside one chunk: the image predictor ranks an image's tokens together
+        at `sparse_layer`. The instruct predictor (text after the last image) and the random and FastV selectors (one
+        random draw per call; the text after the image ranks it) judge the whole prompt at once, so with them the
+        prompt must be one chunk.
+        """
+        cache = model_kwargs.get(CACHE_NAME)
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = model_kwargs.get("attention_mask")
+        prompt = input_ids[:, past:] if mask is not None and mask.shape[1] == input_ids.shape[1] else input_ids
+        if prompt.shape[1] <= chunk_size:
+            return
+        settings = resolve_sparsity(self.model, model_kwargs.get("sparsity"))
+        image_mask = prompt == self.config.image_token_id
+        whole_prompt = f"pass prefill_chunk_size >= {prompt.shape[1]} (the prompt's length) or no prefill_chunk_size"
+        if settings.use_instruct_predictor:
+            raise ValueError(
+                "Chunked prefill is not supported with the instruct predictor, which prunes the prompt text after the "
+                f"images as a whole: {whole_prompt}, or switch it off with sparsity={{'use_instruct_predictor': False}}."
+            )
+        if not (settings.use_vision_predictor and bool(image_mask.any())):
+            return
+        if settings.vision_selector != "learned":
+            raise ValueError(
+                f"Chunked prefill is not supported with vision_selector={settings.vision_selector!r}, which ranks each "
+                f"image against the whole prompt: {whole_prompt}."
+            )
+        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        tokens_per_image = len(encoded.pooler_output[0]) if encoded is not None else self.config.image_seq_length
+        for row, positions in enumerate(image_mask.nonzero()[:, 1].split(image_mask.sum(-1).tolist())):
+            if len(positions) % tokens_per_image:
+                continue  # the forward reports the wrong image-token count with its own error
+            for image, (first, last) in enumerate(positions.view(-1, tokens_per_image)[:, [0, -1]].tolist()):
+                if first // chunk_size != last // chunk_size:
+                    last_image_end = int(image_mask.nonzero()[:, 1].max()) + 1
+                    raise ValueError(
+                        f"prefill_chunk_size={chunk_size} splits image {image} of row {row} (prompt positions {first} "
+                        f"to {last}) across two chunks. Dynamic-LLaVA prunes each image's tokens together at "
+                        "sparse_layer, so every image must lie inside one chunk: pick a chunk size whose boundaries "
+                        f"(multiples of it) fall outside every image, e.g. prefill_chunk_size >= {last_image_end} (all "
+                        "images in the first chunk), or switch image pruning off with "
+                        "sparsity={'use_vision_predictor': False}."
+                    )
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        if model_kwargs.get("past_key_values") is None:
+        if model_kwargs.get(CACHE_NAME) is None:
             # Without a cache every step re-reads prompt + outputs; the model needs to know which tokens are outputs.
             num_new_tokens = kwargs.get("num_new_tokens", args[1] if len(args) > 1 else 1)
             model_kwargs["num_generated_tokens"] = model_kwargs.get("num_generated_tokens", 0) + num_new_tokens

@@ -159,8 +159,9 @@ class DecoderStep:
     """The tokens of one forward on their way through the decoder layers.
 
     What the input is: `valid` (`[batch, new_tokens]`, not padding), `past_seen` (tokens already in the cache),
-    `num_generated_tokens` (without a cache: trailing inputs that are model outputs), and, once the images are merged,
-    `image_mask` (their placeholders) and `tokens_per_image` (None without images).
+    `num_generated_tokens` (without a cache: trailing inputs that are model outputs), `prefill` (prompt tokens even if
+    only one follows a cached prefix: a chunk of a chunked prefill), and, once the images are merged, `image_mask`
+    (their placeholders) and `tokens_per_image` (None without images).
 
     Where the tokens are: until `sparse_layer` every input position has a slot. `apply(plan)` then keeps only the
     tokens the later layers compute, left-aligned in their original order (`gather_index` holds each slot's input
@@ -176,6 +177,8 @@ class DecoderStep:
     tokens_per_image: int | None = None
     all_hidden_states: list[torch.Tensor] | None = None
     gather_index: torch.Tensor | None = None
+    prefill: bool = False
+    split_images: bool = False  # the input holds only part of some image (a prefill chunk cut through it)
     visible: torch.Tensor = field(init=False)
     persist: torch.Tensor = field(init=False)
 
@@ -190,8 +193,8 @@ class DecoderStep:
 
     @property
     def decoding(self) -> bool:
-        """One new token after a cached prefix."""
-        return self.num_new == 1 and self.past_seen > 0
+        """One new generated token after a cached prefix."""
+        return self.num_new == 1 and self.past_seen > 0 and not self.prefill
 
     @property
     def prompt(self) -> torch.Tensor:
