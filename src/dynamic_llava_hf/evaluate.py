@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .flops import ModelShape, prefill_flops, total_flops
+from .bench.flops import ModelShape, prefill_flops, total_flops
+from .compat_dynamic_llava import CACHE_NAME
 from .synthetic import LONG_KINDS, SHORT_KINDS, make_samples
+from .utils import progress_bar
 
 
 EVAL_SEED = 424242  # training draws from seeds 1 and 2 (train_demo.TRAIN_SEED and the next)
@@ -39,6 +41,10 @@ class EvalSettings:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Scoring
+
+
+# Short answers are at most 9 tokens ("The purple triangle is at the bottom right.") and </s>.
+SHORT_ANSWER_TOKENS = 16
 
 
 def normalize(text: str) -> str:
@@ -98,7 +104,7 @@ def generate_answers(model, processor, samples: list[dict], sparsity, max_new_to
     )
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
     answers = [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
-    return answers, out.past_key_values.sparsity_report()
+    return answers, out[CACHE_NAME].sparsity_report()
 
 
 def batches(samples: list, size: int):
@@ -138,7 +144,7 @@ def short_answer_accuracy(model, processor, samples, selector, keep_rate, batch_
     total = Counter()
     for index, batch in batches(samples, batch_size):
         sparsity = vision_sparsity(selector, keep_rate, index)
-        answers, _ = generate_answers(model, processor, batch, sparsity, max_new_tokens=6)
+        answers, _ = generate_answers(model, processor, batch, sparsity, max_new_tokens=SHORT_ANSWER_TOKENS)
         for sample, answer in zip(batch, answers):
             total[sample["kind"]] += 1
             correct[sample["kind"]] += normalize(answer) == normalize(sample["answer"])
@@ -215,15 +221,13 @@ def selector_overlays(model, processor, samples: list[dict], selectors, keep_rat
 def run_eval(settings: EvalSettings, model=None, processor=None):
     """Runs the whole evaluation; returns the results (JSON-able) and a PNG-ready sheet of kept patches per
     selector at vision keep 0.2."""
-    from tqdm.auto import tqdm
-
     if model is None:
         model, processor = load_model(settings.model)
     short, describe = eval_samples(settings)
     points = [(1.0, "full")] + [
         (rate, selector) for rate in settings.keep_rates if rate < 1.0 for selector in settings.selectors
     ]
-    progress = tqdm(total=len(points) + 2, desc="eval", disable=not settings.progress)
+    progress = progress_bar(total=len(points) + 2, desc="eval", enabled=settings.progress)
     accuracy = {}
     for rate, selector in points:
         selector_name = "learned" if selector == "full" else selector
