@@ -217,9 +217,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         )
         return (inputs_embeds == image_embedding).all(-1)
 
-    def check_inputs(self, input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, output_attentions) -> None:
-        if output_attentions:
-            raise ValueError("output_attentions is not supported by Dynamic-LLaVA (its layers see pruned sequences)")
+    def check_inputs(self, input_ids, inputs_embeds, pixel_values, mm_encoder_outputs) -> None:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs is not None:
@@ -370,6 +368,28 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             step.image_mask = torch.zeros_like(step.image_mask)
         return image_outputs
 
+    def start_outputs(self, step: DecoderStep, output_hidden_states, output_attentions: bool | None) -> None:
+        """Prepares the step to collect hidden states and attention weights, as the call or else the config asks.
+
+        `output_hidden_states` may select indices (an int or a list, negative ones counted from the end, as in
+        transformers 5): the others are returned as None. Attention weights need eager attention; see
+        `DecoderStep.record_attentions` for how the layers `>= sparse_layer` map theirs to the input positions.
+        """
+        text_config = self.config.text_config
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states or text_config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions or text_config.output_attentions
+        if output_hidden_states:
+            if not isinstance(output_hidden_states, bool):
+                count = text_config.num_hidden_layers + 1
+                indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
+                step.hidden_states_selection = {index % count for index in indices if -count <= index < count}
+            step.all_hidden_states = []
+            step.record_hidden_states()
+        if output_attentions:
+            step.all_attentions = []
+
     def layer_groups(self) -> tuple[nn.ModuleList, nn.ModuleList]:
         """The text backbone's decoder layers below `sparse_layer` and from it on."""
         layers = self.language_model.layers[: self.config.text_config.num_hidden_layers]
@@ -386,21 +406,37 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
     ) -> None:
         """Runs one group of decoder layers (`FULL_GROUP` below `sparse_layer`, `SPARSE_GROUP` from it) over the
         step's slots. `key_keep`: the training keep values of the keys (a training forward's later layers)."""
-        layout = cache.begin_step(group, step.persist) if cache is not None else KeyLayout.empty()
+        layout = (
+            cache.begin_step(group, step.persist, step.slot_positions()) if cache is not None else KeyLayout.empty()
+        )
         dtype = step.hidden_states.dtype
         if key_keep is not None:
             mask = build_training_attention_mask(key_keep, step.visible, dtype)
         else:
             mask = build_attention_mask(self.config.text_config._attn_implementation, layout, step.visible, dtype)
+        if step.all_attentions is not None:
+            # The attention modules return their weights (eager only; other backends warn and return None).
+            kwargs = {**kwargs, "output_attentions": True}
+            key_positions = step.key_positions(layout)  # the same for every layer of the group
         for layer in layers:
-            step.hidden_states = layer(
-                step.hidden_states,
-                attention_mask=mask,
-                position_embeddings=step.position_embeddings,
-                **{CACHE_NAME: cache},
-                **kwargs,
-            )
+            weights = []
+            hook = None
+            if step.all_attentions is not None:
+                hook = layer.self_attn.register_forward_hook(lambda module, args, output: weights.append(output[1]))
+            try:
+                step.hidden_states = layer(
+                    step.hidden_states,
+                    attention_mask=mask,
+                    position_embeddings=step.position_embeddings,
+                    **{CACHE_NAME: cache},
+                    **kwargs,
+                )
+            finally:
+                if hook is not None:
+                    hook.remove()
             step.record_hidden_states()
+            if weights and weights[0] is not None:
+                step.record_attentions(weights[0], key_positions)
 
     def decide_at_sparse_layer(
         self,
@@ -430,7 +466,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
     def finish_step(self, step: DecoderStep, cache: DynamicLlavaCache | None) -> torch.Tensor:
         """Final norm, every input position back in place (removed ones get zeros); the cache advances its lengths."""
         hidden_states = step.scatter(self.language_model.norm(step.hidden_states))
-        if step.all_hidden_states is not None:
+        if step.all_hidden_states is not None and step.all_hidden_states[-1] is not None:
             step.all_hidden_states[-1] = hidden_states  # transformers' convention: the last entry is normed
         if cache is not None:
             cache.end_step(step.num_new)
@@ -483,7 +519,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             In training only: each row's last reply (its supervised tokens) is what the output-text predictor masks.
         """
         settings = resolve_sparsity(self, sparsity)
-        self.check_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, output_attentions)
+        self.check_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         cache, use_cache = self.resolve_cache(cache_argument(cache, past_key_values), use_cache)
@@ -502,8 +538,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             vision_feature_select_strategy=vision_feature_select_strategy,
             image_sizes=image_sizes,
         )
-        if output_hidden_states or (output_hidden_states is None and self.config.output_hidden_states):
-            step.all_hidden_states = [step.hidden_states]
+        self.start_outputs(step, output_hidden_states, output_attentions)
 
         # Layers below sparse_layer see the whole sequence and store every real token.
         below, above = self.layer_groups()
@@ -520,6 +555,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         output = DynamicLlavaModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(step.all_hidden_states) if step.all_hidden_states is not None else None,
+            attentions=tuple(step.all_attentions) if step.all_attentions is not None else None,
             image_hidden_states=torch.stack(list(image_outputs.pooler_output)) if image_outputs is not None else None,
             **cache_and_image_fields(cache if use_cache else None, image_outputs),
             kept_image_token_indices=plan.kept_image_token_indices,
@@ -600,6 +636,7 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
             **cache_and_image_fields(outputs.get(CACHE_NAME), outputs.get("image_outputs")),
             kept_image_token_indices=outputs.kept_image_token_indices,
