@@ -146,22 +146,12 @@ class DynamicLlavaPreTrainedModel(LlavaPreTrainedModel):
     _can_compile_fullgraph = False
     _supports_flex_attn = False
     _supports_attention_backend = False
-    # Never weight-quantised: every quantizer (bitsandbytes 8/4-bit, torchao, ...) adds these to its
-    # `modules_to_not_convert`, even when the user passes their own skip list. The predictors' keep/drop decisions
-    # compare two close logits, and the vision tower and projector are small next to the decoder. transformers also
-    # keeps them in float32 when a model is loaded in float16 (not bfloat16). Listed for the ForConditionalGeneration
-    # ("model." prefix) and the bare model.
-    _keep_in_fp32_modules = tuple(
-        prefix + name
-        for prefix in ("model.", "")
-        for name in (
-            "vision_tower",
-            "multi_modal_projector",
-            "image_score_predictor",
-            "output_text_score_predictor",
-            "instruct_score_predictor",
-        )
-    )
+    # `_keep_in_fp32_modules` (set by the two models below): never weight-quantised, as every quantizer (bitsandbytes
+    # 8/4-bit, torchao, ...) adds these to its `modules_to_not_convert`, even when the user passes their own skip
+    # list. The predictors' keep/drop decisions compare two close logits, and the vision tower and projector are small
+    # next to the decoder. transformers also keeps them in float32 when a model is loaded in float16 (not bfloat16).
+    # Quantizers match these names from the start of a module's path, so each model names its own paths, and only
+    # the predictors it built.
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `_auto_class` (set below) makes transformers copy this file, its relative imports and the config file next
@@ -175,6 +165,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
 
     # Temperature of the training-time Gumbel-softmax; `GumbelTemperatureCallback` anneals it from 1.0 to 0.1.
     gumbel_tau: float = 1.0
+    _keep_in_fp32_modules = ("vision_tower", "multi_modal_projector")  # plus the predictors built (see __init__)
 
     def __init__(self, config):
         # Same sub-modules (and so the same state-dict keys) as LlavaModel, plus the predictors.
@@ -203,6 +194,11 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         self.instruct_score_predictor = (
             DynamicLlavaTextPredictor(hidden_size, config.predictor_d_model) if config.use_instruct_predictor else None
         )
+        predictors = ("image_score_predictor", "output_text_score_predictor", "instruct_score_predictor")
+        self._keep_in_fp32_modules = [
+            *DynamicLlavaModel._keep_in_fp32_modules,
+            *(name for name in predictors if getattr(self, name) is not None),
+        ]
         self.post_init()
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -568,11 +564,15 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
 class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaForConditionalGeneration):
     """Dynamic-LLaVA with a language-modeling head; use it like `LlavaForConditionalGeneration`."""
 
+    _keep_in_fp32_modules = ("model.vision_tower", "model.multi_modal_projector")  # plus the predictors built
+
     def __init__(self, config):
         LlavaPreTrainedModel.__init__(self, config)
         self.model = DynamicLlavaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        # post_init added the bare model's names as they are; here they are paths under `model`.
+        self._keep_in_fp32_modules = {f"model.{name}" for name in self.model._keep_in_fp32_modules}
 
     def forward(
         self,
