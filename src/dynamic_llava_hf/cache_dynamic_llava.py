@@ -328,18 +328,30 @@ class DynamicLlavaCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        return False
+        return True  # exactly: every stored entry's input position is known (see `crop`)
 
     @property
     def batch_size(self) -> int:
         lengths = self.groups[FULL_GROUP].lengths
         return -1 if lengths is None else lengths.shape[0]
 
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError(
-            "DynamicLlavaCache cannot be cropped: dropped tokens are gone, so the cache cannot be rolled back to an "
-            "earlier length. Assisted/speculative decoding is not supported with Dynamic-LLaVA."
-        )
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forgets the last `-tokens_to_remove` tokens seen (a negative count, as transformers passes it when assisted
+        decoding rejects candidates). Each group keeps its stored entries from before them, so the cache is exactly
+        what those earlier tokens left: tokens removed or not stored then stay so."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or self.groups[FULL_GROUP].lengths is None:
+            return
+        end = max(self.seen_tokens + tokens_to_remove, 0)  # input positions from `end` on are forgotten
+        filled = [rows for rows in self.groups if rows.lengths is not None]
+        for rows in filled:
+            columns = torch.arange(rows.max_length, device=rows.lengths.device)
+            stored = columns[None] < rows.lengths[:, None]
+            # A row's entries are in input order, so those kept are a prefix; the rest becomes scratch.
+            rows.lengths = (stored & (rows.positions[:, : rows.max_length] < end)).sum(-1)
+        refresh_extrema(filled)
+        self.seen_tokens = end
 
     def _select_rows(self, index: torch.Tensor) -> None:
         """Keeps/reorders/repeats rows: every layer's storage, the shared lengths and the report counters."""

@@ -652,10 +652,7 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
         if generation_mode == GenerationMode.ASSISTED_GENERATION:
-            raise ValueError(
-                "Assisted/speculative decoding is not supported by Dynamic-LLaVA: it rolls the cache back (crop), "
-                "which a cache that drops tokens cannot do."
-            )
+            self.check_assisted_decoding(resolve_sparsity(self.model, model_kwargs.get("sparsity")))
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported by Dynamic-LLaVA, "
@@ -666,6 +663,30 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
         cache = model_kwargs.get(CACHE_NAME)
         if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
             model_kwargs[CACHE_NAME] = DynamicLlavaCache(self.config)
+
+    @staticmethod
+    def check_assisted_decoding(settings: SparsitySettings) -> None:
+        """Refuses assisted/prompt-lookup decoding where it would not give plain decoding's tokens.
+
+        The cache rolls rejected candidates back exactly, but the model verifies candidates several at a time, as
+        prompt text: the output-text predictor gates only tokens fed one at a time, the instruct predictor prunes
+        text that follows a cached prefix, and the FastV selector ranks images by the text after them (candidates
+        included). Without those, each token sees what plain decoding shows it.
+        """
+        blockers = []
+        if settings.use_output_text_predictor:
+            blockers.append("use_output_text_predictor")
+        if settings.use_instruct_predictor:
+            blockers.append("use_instruct_predictor")
+        if settings.use_vision_predictor and settings.vision_selector == "fastv":
+            blockers.append("vision_selector='fastv'")
+        if blockers:
+            raise ValueError(
+                "Assisted/speculative and prompt-lookup decoding verify several candidate tokens in one forward, "
+                f"which Dynamic-LLaVA cannot treat as plain decoding does with {', '.join(blockers)}. They work with "
+                "sparsification off or image pruning only, e.g. sparsity={'use_output_text_predictor': False, "
+                "'use_instruct_predictor': False} (image selector 'learned' or 'random')."
+            )
 
     def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
         added = {"prefill": True}  # all of it is prompt, even a 1-token chunk: no output-text gating
