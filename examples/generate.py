@@ -91,7 +91,8 @@ def main(argv=None):
     answer = processor.decode(output.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     print(f"answer: {answer.strip()}")
 
-    report = output.past_key_values.sparsity_report()[0]
+    cache = output.get("cache", output.get("past_key_values"))  # named `cache` from transformers 5.24 on
+    report = cache.sparsity_report()[0]
     print(f"image tokens kept: {report['image_tokens_kept']}/{report['image_tokens_total']}")
     print(f"generated tokens kept in the cache: {report['generated_tokens_kept']}/{report['generated_tokens_total']}")
     print(

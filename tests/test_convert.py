@@ -229,6 +229,29 @@ def test_tokenizer_source_gets_llava_hf_tokens_and_a_processor(original_with_tok
     assert torch.equal(out[0, inputs["input_ids"].shape[1] :], expected)
 
 
+@torch.no_grad()
+def test_converted_official_checkpoint_takes_inputs_embeds(original_with_tokenizer, reference_dir):
+    """The new vocabulary rows differ, so `<pad>` under a padded batch's inputs_embeds is no image token."""
+    _, result = original_with_tokenizer
+    model = AutoModelForImageTextToText.from_pretrained(result.dst)
+    embeddings = model.get_input_embeddings().weight
+    assert len({tuple(row) for row in embeddings[512:].tolist()}) == 576 - 512
+    sample = torch.load(os.path.join(reference_dir, "reference.pt"), weights_only=True)["samples"][0]
+    # The official prompt has one -200 per image; the converted model takes the image's 25 `<image>` tokens.
+    ids = torch.cat([torch.full((25,), 512) if token == -200 else token[None] for token in sample["input_ids"][0]])
+    input_ids = torch.stack([ids, torch.cat([torch.full((3,), 513), ids[:-3]])])  # second row: left-padded
+    attention_mask = (input_ids != 513).long()
+    pixel_values = sample["pixel_values"].expand(2, -1, -1, -1)
+    by_ids = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    by_embeds = model(
+        inputs_embeds=model.get_input_embeddings()(input_ids), attention_mask=attention_mask, pixel_values=pixel_values
+    )
+    torch.testing.assert_close(by_embeds.logits, by_ids.logits)
+    assert [kept.tolist() for kept in by_embeds.kept_image_token_indices] == [
+        kept.tolist() for kept in by_ids.kept_image_token_indices
+    ]
+
+
 def test_model_card_code_runs_as_written(original_with_tokenizer, capsys):
     _, result = original_with_tokenizer
     card = read_text(os.path.join(result.dst, "README.md"))

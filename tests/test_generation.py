@@ -187,11 +187,57 @@ def test_unsupported_caches_and_assisted_decoding_are_refused():
     static = StaticCache(config=model.config.text_config, max_cache_len=64)
     with pytest.raises(TypeError, match="DynamicLlavaCache"):
         generate(model, input_ids, attention_mask, pixel_values, **{CACHE_NAME: static})
-    with pytest.raises(ValueError, match="Assisted"):
-        generate(model, input_ids, attention_mask, pixel_values, prompt_lookup_num_tokens=2)
-    out = generate(model, input_ids, attention_mask, pixel_values, max_new_tokens=2)
-    with pytest.raises(NotImplementedError, match="cropped"):
-        out.get(CACHE_NAME).crop(3)
+    for sparsity in (None, {"use_output_text_predictor": False, "vision_selector": "fastv"}):
+        with pytest.raises(ValueError, match="Assisted"):
+            generate(model, input_ids[:1], attention_mask[:1], pixel_values[:1], prompt_lookup_num_tokens=2)
+
+
+@pytest.mark.parametrize("sparsity", [False, {"use_output_text_predictor": False}])
+def test_prompt_lookup_decoding_equals_greedy(sparsity):
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS[:1])
+    input_ids = torch.cat([input_ids, input_ids[:, -6:], input_ids[:, -6:]], dim=-1)  # text to look candidates up in
+    attention_mask = torch.ones_like(input_ids)
+    greedy = generate(model, input_ids, attention_mask, pixel_values, sparsity=sparsity)
+    lookup = generate(model, input_ids, attention_mask, pixel_values, sparsity=sparsity, prompt_lookup_num_tokens=3)
+    assert torch.equal(lookup.sequences, greedy.sequences)
+    torch.testing.assert_close(torch.stack(lookup.logits), torch.stack(greedy.logits))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sparsity", [None, {"use_output_text_predictor": False}])
+def test_crop_forgets_exactly_the_last_tokens(sparsity):
+    """A cache that saw three more tokens and forgot two equals one that saw only the first: stored entries, lengths
+    and the next step's logits (the output-text predictor's earlier drops stay dropped)."""
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    kwargs = dict(use_cache=True, sparsity=sparsity)
+    first = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **kwargs)
+    for _ in range(3):  # a few decoding steps (gated by the output-text predictor where it is on)
+        token = first.logits[:, -1:].argmax(-1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=-1)
+        first = model(input_ids=token, attention_mask=attention_mask, **{CACHE_NAME: first[CACHE_NAME]}, **kwargs)
+    reference = copy.deepcopy(first[CACHE_NAME])
+    candidates = torch.randint(3, 90, (len(ROWS), 3))
+    step_mask = torch.cat([attention_mask, torch.ones_like(candidates)], dim=-1)
+    cropped = copy.deepcopy(reference)
+    model(input_ids=candidates, attention_mask=step_mask, **{CACHE_NAME: cropped}, **kwargs)
+    cropped.crop(-2)
+    # As prompt text (prefill=True), as the three were: a single generated token would be gated instead.
+    one = dict(input_ids=candidates[:, :1], attention_mask=step_mask[:, :-2], prefill=True)
+    model(**one, **{CACHE_NAME: reference}, **kwargs)
+    assert cropped.get_seq_length() == reference.get_seq_length()
+    assert torch.equal(cropped.stored_lengths(), reference.stored_lengths())
+    for ours, theirs, lengths in zip(cropped.layers, reference.layers, reference.stored_lengths()):
+        for row, length in enumerate(lengths.tolist()):  # behind a row's entries is scratch
+            torch.testing.assert_close(ours.keys[row, :, :length], theirs.keys[row, :, :length])
+            torch.testing.assert_close(ours.values[row, :, :length], theirs.values[row, :, :length])
+    token = candidates[:, 1:2]
+    outputs = [
+        model(input_ids=token, attention_mask=step_mask[:, :-1], **{CACHE_NAME: cache}, **kwargs).logits
+        for cache in (cropped, reference)
+    ]
+    torch.testing.assert_close(*outputs)
 
 
 def test_cache_bookkeeping_survives_beam_reordering():

@@ -1,7 +1,7 @@
 """device_map / disk offload, bitsandbytes 8-bit and 4-bit on CPU, and half-precision loading of a saved folder.
 
-What must never be weight-quantised (the predictors, the vision tower, the projector) is declared once, in
-`DynamicLlavaPreTrainedModel._keep_in_fp32_modules`, which every transformers quantizer adds to its
+What must never be weight-quantised (the predictors, the vision tower, the projector) is declared in the models'
+`_keep_in_fp32_modules` (the predictors only where built), which every transformers quantizer adds to its
 `modules_to_not_convert`; lm_head is kept by transformers' own default skip list.
 """
 

@@ -80,3 +80,31 @@ def test_outputs_have_the_fields_of_the_running_llava():
     assert CACHE_NAME in out and out.image_hidden_states.shape == (2, 9, model.config.text_config.hidden_size)
     if HAS_IMAGE_OUTPUTS:
         torch.testing.assert_close(torch.stack(list(out.image_outputs.pooler_output)), out.image_hidden_states)
+
+
+@pytest.mark.parametrize("predictors", [True, False])
+def test_keep_in_fp32_modules_name_only_built_modules(predictors):
+    flags = dict(use_vision_predictor=predictors, use_output_text_predictor=predictors, use_instruct_predictor=True)
+    model = tiny_model(**flags)
+    for module in (model, model.model):
+        paths = dict(module.named_modules())
+        assert module._keep_in_fp32_modules and all(name in paths for name in module._keep_in_fp32_modules)
+    expected = {"model.vision_tower", "model.multi_modal_projector", "model.instruct_score_predictor"}
+    if predictors:
+        expected |= {"model.image_score_predictor", "model.output_text_score_predictor"}
+    assert set(model._keep_in_fp32_modules) == expected
+
+
+def test_set_attn_implementation_switches_backends_quietly(caplog):
+    model = tiny_model("eager")
+    input_ids, attention_mask, pixel_values = build_prompts([(3, 1, 4), (1, 1, 2)])
+    with torch.no_grad():
+        eager = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        model.set_attn_implementation("sdpa")
+    assert not [record for record in caplog.records if "does not support" in record.getMessage()]
+    for config in (model.config, model.config.text_config, model.config.vision_config):
+        assert config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        sdpa = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)

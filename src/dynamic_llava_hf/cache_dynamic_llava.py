@@ -7,7 +7,8 @@ of entries, and the two groups of layers differ too.
 Storage: each layer owns a preallocated buffer `[batch, kv_heads, capacity, head_dim]`; row `b` holds its entries in
 slots `[0, lengths[b])` (left-aligned, original order) and everything behind is scratch. The buffer grows
 geometrically, so appending is amortised O(1) and never copies the cache per step. All layers of a group share one
-`RowLengths` (their decisions are the same), so the per-row bookkeeping is done once per step, not once per layer.
+`RowLengths` (their decisions are the same), so the per-row bookkeeping is done once per step, not once per layer;
+it includes the input position (attention-mask column) of every stored entry, to map attention weights back to it.
 
 The step protocol (the whole contract between the model and this cache):
 
@@ -44,7 +45,8 @@ class KeyLayout:
     """Where a group of layers finds its keys in the current forward, as `begin_step` returns it.
 
     `lengths[b]` entries of row `b` are stored (`past_width` = their maximum; `lengths` is None when there is no
-    cache). With `in_place` the single new token sits at column `lengths[b]`; otherwise the new tokens follow the
+    cache), and `positions[b, i]` is the input position of row `b`'s entry `i` (`[batch, past_width]`, None without
+    a cache). With `in_place` the single new token sits at column `lengths[b]`; otherwise the new tokens follow the
     `past_width` stored columns.
     """
 
@@ -52,6 +54,7 @@ class KeyLayout:
     past_width: int
     in_place: bool
     uniform: bool  # every row stores `past_width` entries
+    positions: torch.Tensor | None = None
 
     @classmethod
     def empty(cls) -> "KeyLayout":
@@ -66,24 +69,53 @@ class StepPlan:
     `persist[b, i]` says whether current token `i` of row `b` is stored for later steps. With `in_place` (one new token
     per row and a non-empty cache) the token is written straight into its row's next free slot and attention reads the
     buffer itself; otherwise attention reads `cat(stored, new)` and the persisted tokens are written compacted.
+    `positions[b, i]`: the input position of current token `i` (None: the step's tokens in order).
     """
 
     persist: torch.Tensor
     in_place: bool
+    positions: torch.Tensor | None = None
+
+
+def storage_rank(persist: torch.Tensor) -> torch.Tensor:
+    """`[batch, new_tokens]`: where each new token goes, counted from its row's first free slot. Persisted tokens
+    first, in order; the rest behind them, beyond the row's new length (scratch)."""
+    return torch.where(
+        persist,
+        persist.cumsum(-1) - 1,
+        persist.sum(-1, keepdim=True) + (~persist).cumsum(-1) - 1,
+    )
 
 
 class RowLengths:
-    """Per-row stored-entry counts of a group of layers, plus their host-side maximum and minimum."""
+    """Per-row stored-entry counts of a group of layers, their host-side maximum and minimum, and the input position
+    of every stored entry."""
 
     def __init__(self):
         self.lengths: torch.Tensor | None = None  # LongTensor [batch]
+        self.positions: torch.Tensor | None = None  # LongTensor [batch, capacity]: slot -> input position
         self.max_length = 0
         self.min_length = 0
         self.plan: StepPlan | None = None
 
-    def advance(self) -> None:
-        """Adds what the current step's plan persisted to the lengths (extrema: see `refresh_extrema`)."""
-        self.lengths = self.lengths + self.plan.persist.to(self.lengths.device).sum(-1)
+    def advance(self, first_position: int) -> None:
+        """Adds what the current step's plan persisted to the lengths (extrema: see `refresh_extrema`) and records
+        the persisted tokens' input positions (the plan's, else `first_position` + their index in the step)."""
+        persist = self.plan.persist.to(self.lengths.device)
+        batch, num_new = persist.shape
+        if self.positions is None:
+            self.positions = self.lengths.new_zeros(batch, 0)
+        needed = self.max_length + num_new
+        if needed > self.positions.shape[1]:
+            grown = self.positions.new_zeros(batch, _grown_capacity(needed))
+            grown[:, : self.positions.shape[1]] = self.positions
+            self.positions = grown
+        slots = self.lengths[:, None] + storage_rank(persist)
+        new_positions = self.plan.positions
+        if new_positions is None:
+            new_positions = torch.arange(first_position, first_position + num_new, device=persist.device)
+        self.positions.scatter_(1, slots, new_positions.to(persist.device).expand(batch, -1))
+        self.lengths = self.lengths + persist.sum(-1)
         self.plan = None
 
 
@@ -185,12 +217,7 @@ class DynamicLlavaLayer(CacheLayerMixin):
             attend_values = torch.cat([self.value_buffer[:, :, :past_width], value_states], dim=-2)
         # Write all new tokens behind each row's entries, persisted ones first (in order): the rest lies beyond the
         # row's new length and is scratch.
-        persist = plan.persist.to(key_states.device)
-        rank = torch.where(
-            persist,
-            persist.cumsum(-1) - 1,
-            persist.sum(-1, keepdim=True) + (~persist).cumsum(-1) - 1,
-        )
+        rank = storage_rank(plan.persist.to(key_states.device))
         slots = (lengths[:, None] + rank).view(batch, 1, num_new, 1)
         self.key_buffer.scatter_(2, slots.expand_as(key_states), key_states)
         self.value_buffer.scatter_(2, slots.expand_as(value_states), value_states)
@@ -246,8 +273,9 @@ class DynamicLlavaCache(Cache):
     # ----------------------------------------------------------------------------------------------------------------
     # Step protocol used by the model
 
-    def begin_step(self, group: int, persist: torch.Tensor) -> KeyLayout:
-        """Plans the current forward for one group of layers (`persist`: bool `[batch, new_tokens]`) and returns where
+    def begin_step(self, group: int, persist: torch.Tensor, positions: torch.Tensor | None = None) -> KeyLayout:
+        """Plans the current forward for one group of layers (`persist`: bool `[batch, new_tokens]`; `positions`:
+        their input positions where the model reordered or removed some, `[batch, new_tokens]`) and returns where
         that group's layers will find their keys."""
         rows = self.groups[group]
         if rows.lengths is None:
@@ -259,19 +287,20 @@ class DynamicLlavaCache(Cache):
             )
         # One new token per row lands in the row's next free slot; several are appended behind the stored ones.
         in_place = persist.shape[1] == 1 and rows.max_length > 0
-        rows.plan = StepPlan(persist=persist, in_place=in_place)
+        rows.plan = StepPlan(persist=persist, in_place=in_place, positions=positions)
         return KeyLayout(
             lengths=rows.lengths,
             past_width=rows.max_length,
             in_place=in_place,
             uniform=rows.min_length == rows.max_length,
+            positions=None if rows.positions is None else rows.positions[:, : rows.max_length],
         )
 
     def end_step(self, num_new_tokens: int) -> None:
         """Advances every planned group by what it persisted; one host synchronisation for the whole step."""
         planned = [rows for rows in self.groups if rows.plan is not None]
         for rows in planned:
-            rows.advance()
+            rows.advance(self.seen_tokens)
         refresh_extrema(planned)
         self.seen_tokens += num_new_tokens
 
@@ -299,24 +328,38 @@ class DynamicLlavaCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        return False
+        return True  # exactly: every stored entry's input position is known (see `crop`)
 
     @property
     def batch_size(self) -> int:
         lengths = self.groups[FULL_GROUP].lengths
         return -1 if lengths is None else lengths.shape[0]
 
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError(
-            "DynamicLlavaCache cannot be cropped: dropped tokens are gone, so the cache cannot be rolled back to an "
-            "earlier length. Assisted/speculative decoding is not supported with Dynamic-LLaVA."
-        )
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forgets the last `-tokens_to_remove` tokens seen (a negative count, as transformers passes it when assisted
+        decoding rejects candidates). Each group keeps its stored entries from before them, so the cache is exactly
+        what those earlier tokens left: tokens removed or not stored then stay so."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or self.groups[FULL_GROUP].lengths is None:
+            return
+        end = max(self.seen_tokens + tokens_to_remove, 0)  # input positions from `end` on are forgotten
+        filled = [rows for rows in self.groups if rows.lengths is not None]
+        for rows in filled:
+            columns = torch.arange(rows.max_length, device=rows.lengths.device)
+            stored = columns[None] < rows.lengths[:, None]
+            # A row's entries are in input order, so those kept are a prefix; the rest becomes scratch.
+            rows.lengths = (stored & (rows.positions[:, : rows.max_length] < end)).sum(-1)
+        refresh_extrema(filled)
+        self.seen_tokens = end
 
     def _select_rows(self, index: torch.Tensor) -> None:
         """Keeps/reorders/repeats rows: every layer's storage, the shared lengths and the report counters."""
         filled = [rows for rows in self.groups if rows.lengths is not None]
         for rows in filled:
             rows.lengths = rows.lengths[index.to(rows.lengths.device)]
+            if rows.positions is not None:
+                rows.positions = rows.positions[index.to(rows.positions.device)]
         if filled:
             refresh_extrema(filled)
         for layer in self.layers:

@@ -146,22 +146,12 @@ class DynamicLlavaPreTrainedModel(LlavaPreTrainedModel):
     _can_compile_fullgraph = False
     _supports_flex_attn = False
     _supports_attention_backend = False
-    # Never weight-quantised: every quantizer (bitsandbytes 8/4-bit, torchao, ...) adds these to its
-    # `modules_to_not_convert`, even when the user passes their own skip list. The predictors' keep/drop decisions
-    # compare two close logits, and the vision tower and projector are small next to the decoder. transformers also
-    # keeps them in float32 when a model is loaded in float16 (not bfloat16). Listed for the ForConditionalGeneration
-    # ("model." prefix) and the bare model.
-    _keep_in_fp32_modules = tuple(
-        prefix + name
-        for prefix in ("model.", "")
-        for name in (
-            "vision_tower",
-            "multi_modal_projector",
-            "image_score_predictor",
-            "output_text_score_predictor",
-            "instruct_score_predictor",
-        )
-    )
+    # `_keep_in_fp32_modules` (set by the two models below): never weight-quantised, as every quantizer (bitsandbytes
+    # 8/4-bit, torchao, ...) adds these to its `modules_to_not_convert`, even when the user passes their own skip
+    # list. The predictors' keep/drop decisions compare two close logits, and the vision tower and projector are small
+    # next to the decoder. transformers also keeps them in float32 when a model is loaded in float16 (not bfloat16).
+    # Quantizers match these names from the start of a module's path, so each model names its own paths, and only
+    # the predictors it built.
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `_auto_class` (set below) makes transformers copy this file, its relative imports and the config file next
@@ -175,6 +165,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
 
     # Temperature of the training-time Gumbel-softmax; `GumbelTemperatureCallback` anneals it from 1.0 to 0.1.
     gumbel_tau: float = 1.0
+    _keep_in_fp32_modules = ("vision_tower", "multi_modal_projector")  # plus the predictors built (see __init__)
 
     def __init__(self, config):
         # Same sub-modules (and so the same state-dict keys) as LlavaModel, plus the predictors.
@@ -203,6 +194,11 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         self.instruct_score_predictor = (
             DynamicLlavaTextPredictor(hidden_size, config.predictor_d_model) if config.use_instruct_predictor else None
         )
+        predictors = ("image_score_predictor", "output_text_score_predictor", "instruct_score_predictor")
+        self._keep_in_fp32_modules = [
+            *DynamicLlavaModel._keep_in_fp32_modules,
+            *(name for name in predictors if getattr(self, name) is not None),
+        ]
         self.post_init()
 
     # -----------------------------------------------------------------------------------------------------------------
@@ -217,9 +213,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         )
         return (inputs_embeds == image_embedding).all(-1)
 
-    def check_inputs(self, input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, output_attentions) -> None:
-        if output_attentions:
-            raise ValueError("output_attentions is not supported by Dynamic-LLaVA (its layers see pruned sequences)")
+    def check_inputs(self, input_ids, inputs_embeds, pixel_values, mm_encoder_outputs) -> None:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs is not None:
@@ -370,6 +364,28 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             step.image_mask = torch.zeros_like(step.image_mask)
         return image_outputs
 
+    def start_outputs(self, step: DecoderStep, output_hidden_states, output_attentions: bool | None) -> None:
+        """Prepares the step to collect hidden states and attention weights, as the call or else the config asks.
+
+        `output_hidden_states` may select indices (an int or a list, negative ones counted from the end, as in
+        transformers 5): the others are returned as None. Attention weights need eager attention; see
+        `DecoderStep.record_attentions` for how the layers `>= sparse_layer` map theirs to the input positions.
+        """
+        text_config = self.config.text_config
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states or text_config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions or text_config.output_attentions
+        if output_hidden_states:
+            if not isinstance(output_hidden_states, bool):
+                count = text_config.num_hidden_layers + 1
+                indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
+                step.hidden_states_selection = {index % count for index in indices if -count <= index < count}
+            step.all_hidden_states = []
+            step.record_hidden_states()
+        if output_attentions:
+            step.all_attentions = []
+
     def layer_groups(self) -> tuple[nn.ModuleList, nn.ModuleList]:
         """The text backbone's decoder layers below `sparse_layer` and from it on."""
         layers = self.language_model.layers[: self.config.text_config.num_hidden_layers]
@@ -386,21 +402,37 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
     ) -> None:
         """Runs one group of decoder layers (`FULL_GROUP` below `sparse_layer`, `SPARSE_GROUP` from it) over the
         step's slots. `key_keep`: the training keep values of the keys (a training forward's later layers)."""
-        layout = cache.begin_step(group, step.persist) if cache is not None else KeyLayout.empty()
+        layout = (
+            cache.begin_step(group, step.persist, step.slot_positions()) if cache is not None else KeyLayout.empty()
+        )
         dtype = step.hidden_states.dtype
         if key_keep is not None:
             mask = build_training_attention_mask(key_keep, step.visible, dtype)
         else:
             mask = build_attention_mask(self.config.text_config._attn_implementation, layout, step.visible, dtype)
+        if step.all_attentions is not None:
+            # The attention modules return their weights (eager only; other backends warn and return None).
+            kwargs = {**kwargs, "output_attentions": True}
+            key_positions = step.key_positions(layout)  # the same for every layer of the group
         for layer in layers:
-            step.hidden_states = layer(
-                step.hidden_states,
-                attention_mask=mask,
-                position_embeddings=step.position_embeddings,
-                **{CACHE_NAME: cache},
-                **kwargs,
-            )
+            weights = []
+            hook = None
+            if step.all_attentions is not None:
+                hook = layer.self_attn.register_forward_hook(lambda module, args, output: weights.append(output[1]))
+            try:
+                step.hidden_states = layer(
+                    step.hidden_states,
+                    attention_mask=mask,
+                    position_embeddings=step.position_embeddings,
+                    **{CACHE_NAME: cache},
+                    **kwargs,
+                )
+            finally:
+                if hook is not None:
+                    hook.remove()
             step.record_hidden_states()
+            if weights and weights[0] is not None:
+                step.record_attentions(weights[0], key_positions)
 
     def decide_at_sparse_layer(
         self,
@@ -430,7 +462,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
     def finish_step(self, step: DecoderStep, cache: DynamicLlavaCache | None) -> torch.Tensor:
         """Final norm, every input position back in place (removed ones get zeros); the cache advances its lengths."""
         hidden_states = step.scatter(self.language_model.norm(step.hidden_states))
-        if step.all_hidden_states is not None:
+        if step.all_hidden_states is not None and step.all_hidden_states[-1] is not None:
             step.all_hidden_states[-1] = hidden_states  # transformers' convention: the last entry is normed
         if cache is not None:
             cache.end_step(step.num_new)
@@ -483,7 +515,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             In training only: each row's last reply (its supervised tokens) is what the output-text predictor masks.
         """
         settings = resolve_sparsity(self, sparsity)
-        self.check_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, output_attentions)
+        self.check_inputs(input_ids, inputs_embeds, pixel_values, mm_encoder_outputs)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         cache, use_cache = self.resolve_cache(cache_argument(cache, past_key_values), use_cache)
@@ -502,8 +534,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             vision_feature_select_strategy=vision_feature_select_strategy,
             image_sizes=image_sizes,
         )
-        if output_hidden_states or (output_hidden_states is None and self.config.output_hidden_states):
-            step.all_hidden_states = [step.hidden_states]
+        self.start_outputs(step, output_hidden_states, output_attentions)
 
         # Layers below sparse_layer see the whole sequence and store every real token.
         below, above = self.layer_groups()
@@ -520,6 +551,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         output = DynamicLlavaModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(step.all_hidden_states) if step.all_hidden_states is not None else None,
+            attentions=tuple(step.all_attentions) if step.all_attentions is not None else None,
             image_hidden_states=torch.stack(list(image_outputs.pooler_output)) if image_outputs is not None else None,
             **cache_and_image_fields(cache if use_cache else None, image_outputs),
             kept_image_token_indices=plan.kept_image_token_indices,
@@ -532,11 +564,15 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
 class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaForConditionalGeneration):
     """Dynamic-LLaVA with a language-modeling head; use it like `LlavaForConditionalGeneration`."""
 
+    _keep_in_fp32_modules = ("model.vision_tower", "model.multi_modal_projector")  # plus the predictors built
+
     def __init__(self, config):
         LlavaPreTrainedModel.__init__(self, config)
         self.model = DynamicLlavaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        # post_init added the bare model's names as they are; here they are paths under `model`.
+        self._keep_in_fp32_modules = {f"model.{name}" for name in self.model._keep_in_fp32_modules}
 
     def forward(
         self,
@@ -600,6 +636,7 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
             **cache_and_image_fields(outputs.get(CACHE_NAME), outputs.get("image_outputs")),
             kept_image_token_indices=outputs.kept_image_token_indices,
@@ -615,10 +652,7 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
         if generation_mode == GenerationMode.ASSISTED_GENERATION:
-            raise ValueError(
-                "Assisted/speculative decoding is not supported by Dynamic-LLaVA: it rolls the cache back (crop), "
-                "which a cache that drops tokens cannot do."
-            )
+            self.check_assisted_decoding(resolve_sparsity(self.model, model_kwargs.get("sparsity")))
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported by Dynamic-LLaVA, "
@@ -629,6 +663,30 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
         cache = model_kwargs.get(CACHE_NAME)
         if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
             model_kwargs[CACHE_NAME] = DynamicLlavaCache(self.config)
+
+    @staticmethod
+    def check_assisted_decoding(settings: SparsitySettings) -> None:
+        """Refuses assisted/prompt-lookup decoding where it would not give plain decoding's tokens.
+
+        The cache rolls rejected candidates back exactly, but the model verifies candidates several at a time, as
+        prompt text: the output-text predictor gates only tokens fed one at a time, the instruct predictor prunes
+        text that follows a cached prefix, and the FastV selector ranks images by the text after them (candidates
+        included). Without those, each token sees what plain decoding shows it.
+        """
+        blockers = []
+        if settings.use_output_text_predictor:
+            blockers.append("use_output_text_predictor")
+        if settings.use_instruct_predictor:
+            blockers.append("use_instruct_predictor")
+        if settings.use_vision_predictor and settings.vision_selector == "fastv":
+            blockers.append("vision_selector='fastv'")
+        if blockers:
+            raise ValueError(
+                "Assisted/speculative and prompt-lookup decoding verify several candidate tokens in one forward, "
+                f"which Dynamic-LLaVA cannot treat as plain decoding does with {', '.join(blockers)}. They work with "
+                "sparsification off or image pruning only, e.g. sparsity={'use_output_text_predictor': False, "
+                "'use_instruct_predictor': False} (image selector 'learned' or 'random')."
+            )
 
     def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
         added = {"prefill": True}  # all of it is prompt, even a 1-token chunk: no output-text gating

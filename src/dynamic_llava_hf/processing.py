@@ -173,21 +173,26 @@ def padded_vocab_size(num_tokens: int, multiple: int = VOCAB_PAD_MULTIPLE) -> in
     return -(-num_tokens // multiple) * multiple
 
 
-def extend_vocab_rows(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
+def extend_vocab_rows(weight: torch.Tensor, num_rows: int, seed: int = 0) -> torch.Tensor:
     """`weight` (embedding or lm_head, `[vocab, hidden]`) with rows appended up to `num_rows`.
 
-    New rows are the mean of the existing rows. llava-hf samples them from N(mean, 1e-5 * covariance), which is the
-    mean up to noise far below the spread of the rows; the mean itself keeps conversion deterministic. The image
-    token's embedding is never read (image features replace it), `<pad>` only sits under masked positions, and the
-    lm_head rows give every new token the average logit, far below the top ones; the converters additionally list
-    the new ids in `generation_config.suppress_tokens`.
+    New rows are drawn around the mean of the existing rows, as llava-hf's converter draws them from
+    N(mean, 1e-5 * covariance); here from the covariance's diagonal and a fixed `seed`, so conversion stays
+    deterministic. They differ from each other, which matters: with `inputs_embeds` the model finds the image
+    placeholders by comparing each embedding with the `<image>` row, so a `<pad>` or padding row equal to it would
+    count as an image token. The spread is far below that of the existing rows: the image token's embedding is never
+    read (image features replace it), `<pad>` only sits under masked positions, and the lm_head rows give every new
+    token about the average logit, far below the top ones; the converters also list the new ids in
+    `generation_config.suppress_tokens`.
     """
     if num_rows < weight.shape[0]:
         raise ValueError(f"Cannot shrink a vocabulary of {weight.shape[0]} rows to {num_rows}")
     if num_rows == weight.shape[0]:
         return weight
-    mean = weight.float().mean(0, keepdim=True).to(weight.dtype)
-    return torch.cat([weight, mean.expand(num_rows - weight.shape[0], -1)], dim=0)
+    rows = weight.float()
+    noise = torch.randn(num_rows - weight.shape[0], weight.shape[1], generator=torch.Generator().manual_seed(seed))
+    new_rows = rows.mean(0) + noise.to(rows.device) * (1e-5 * rows.var(0, correction=0)).sqrt()
+    return torch.cat([weight, new_rows.to(weight.dtype)], dim=0)
 
 
 __all__ = [

@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from .compat_dynamic_llava import CACHE_NAME
 from .convert import load_original_checkpoint
 
 
@@ -58,7 +59,7 @@ def check_reference(reference_dir: str) -> list[dict]:
                     "scenario": scenario,
                     "sample": sample["name"],
                     "tokens_match": torch.equal(out.sequences[0, input_ids.shape[1] :], expected["new_tokens"]),
-                    "kv_lengths_match": out.past_key_values.stored_lengths()[:, 0].tolist()
+                    "kv_lengths_match": out[CACHE_NAME].stored_lengths()[:, 0].tolist()
                     == expected["kv_len_per_layer"],
                     "max_logit_diff": float((logits - expected["step_logits"]).abs().max()),
                 }

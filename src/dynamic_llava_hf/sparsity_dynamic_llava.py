@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .cache_dynamic_llava import KeyLayout
 from .configuration_dynamic_llava import check_keep_rate, check_non_negative_int, check_vision_selector
@@ -175,7 +176,9 @@ class DecoderStep:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     image_mask: torch.Tensor | None = None
     tokens_per_image: int | None = None
-    all_hidden_states: list[torch.Tensor] | None = None
+    all_hidden_states: list[torch.Tensor | None] | None = None
+    hidden_states_selection: set[int] | None = None  # indices of the hidden states to return (None: all)
+    all_attentions: list[torch.Tensor] | None = None
     gather_index: torch.Tensor | None = None
     prefill: bool = False
     split_images: bool = False  # the input holds only part of some image (a prefill chunk cut through it)
@@ -223,8 +226,51 @@ class DecoderStep:
         return scatter_tokens(states, self.gather_index, self.visible, self.num_new)
 
     def record_hidden_states(self) -> None:
-        if self.all_hidden_states is not None:
-            self.all_hidden_states.append(self.scatter(self.hidden_states))
+        """Appends the current hidden states at the input positions (None where `output_hidden_states` selected
+        other indices, as transformers does)."""
+        if self.all_hidden_states is None:
+            return
+        selection = self.hidden_states_selection
+        selected = selection is None or len(self.all_hidden_states) in selection
+        self.all_hidden_states.append(self.scatter(self.hidden_states) if selected else None)
+
+    def slot_positions(self) -> torch.Tensor | None:
+        """`[batch, slots]`: each slot's input position (past tokens, then this step's); None while every input
+        position has its own slot."""
+        return None if self.gather_index is None else self.past_seen + self.gather_index
+
+    def key_positions(self, layout: KeyLayout) -> torch.Tensor:
+        """`[batch, keys]`: the input position (attention-mask column: past tokens, then this step's) of every key a
+        group's attention reads in this step, as laid out by `layout`; `past_seen + num_new` (one past the last) for
+        keys that stand for no token (a ragged row's unused columns, slots of removed tokens)."""
+        batch, device = self.valid.shape[0], self.valid.device
+        nowhere = self.past_seen + self.num_new
+        current = self.slot_positions()
+        if current is None:
+            current = self.past_seen + torch.arange(self.num_new, device=device)[None].expand(batch, -1)
+        current = torch.where(self.visible, current.to(device), nowhere)
+        if layout.lengths is None or layout.past_width == 0:
+            return current
+        columns = torch.arange(layout.past_width + int(layout.in_place), device=device)[None]
+        lengths = layout.lengths.to(device)[:, None]
+        stored = torch.where(
+            columns < lengths, F.pad(layout.positions.to(device), (0, int(layout.in_place)), value=nowhere), nowhere
+        )
+        if layout.in_place:  # the new token sits in its row's next free column
+            return torch.where(columns == lengths, current, stored)
+        return torch.cat([stored, current], dim=-1)
+
+    def record_attentions(self, weights: torch.Tensor, key_positions: torch.Tensor) -> None:
+        """Appends one layer's attention weights (`[batch, heads, slots, keys]`, as attention read them) mapped to
+        the input positions, `[batch, heads, new_tokens, past + new_tokens]`: zeros for removed queries and for keys
+        that were removed or are not stored."""
+        batch, heads, _, num_keys = weights.shape
+        total = self.past_seen + self.num_new
+        index = key_positions[:, None, None, :].expand(batch, heads, weights.shape[2], num_keys)
+        # One spare column receives the keys that stand for no token; it is cut off.
+        by_key = weights.new_zeros(batch, heads, weights.shape[2], total + 1).scatter_(-1, index, weights)[..., :total]
+        by_query = self.scatter(by_key.transpose(1, 2).flatten(2))  # [batch, new_tokens, heads * total]
+        self.all_attentions.append(by_query.view(batch, self.num_new, heads, total).transpose(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from transformers import (
     LogitsProcessorList,
 )
 
+from ..compat_dynamic_llava import CACHE_NAME
 from ..configuration_dynamic_llava import DynamicLlavaConfig
 from .flops import (
     ModelShape,
@@ -188,12 +189,15 @@ def generate(
 
 
 def cache_tensor_bytes(cache) -> int:
-    """Bytes of the K/V tensors a cache holds (for ours: the allocated buffers, scratch included)."""
-    return sum(
-        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-        for layer in cache.layers
-        if getattr(layer, "keys", None) is not None
-    )
+    """Bytes of the K/V tensors a cache has allocated. Ours: its buffers, scratch and room to grow included (its
+    `keys`/`values` show only the stored entries); transformers' caches: their `keys`/`values`."""
+    total = 0
+    for layer in cache.layers:
+        names = ("key_buffer", "value_buffer") if hasattr(layer, "key_buffer") else ("keys", "values")
+        for tensor in (getattr(layer, name, None) for name in names):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def parameter_bytes(module: torch.nn.Module | None) -> int:
@@ -411,7 +415,7 @@ def measure_prefill(
     keep_rate = model.config.vision_keep_rate if sparsity is None else sparsity["vision_keep_rate"]
     analytic = analytic_prefill(shape, base_shape, preset, keep_rate, batch)
     # What the model really kept in layers >= sparse_layer must match what the FLOPs assume.
-    stored = last["ours"][0].past_key_values.stored_lengths()
+    stored = last["ours"][0][CACHE_NAME].stored_lengths()
     kept_image = int(stored[-1, 0]) - preset.num_text_tokens
     if kept_image != analytic["kept_image_tokens"]:
         raise RuntimeError(
@@ -449,7 +453,7 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
                 lambda model=candidates[side], clock=clock: generate(model, inputs, tokens, clock, on_step=tick)
             )
             steps = clock.step_seconds()
-            runs[side].append({"steps": steps, "cache": out.past_key_values, "peak": peak})
+            runs[side].append({"steps": steps, "cache": out[CACHE_NAME], "peak": peak})
 
     def summary(side: str) -> dict:
         medians = [statistics.median(run["steps"]) for run in runs[side]]
