@@ -458,3 +458,48 @@ def test_wrong_source_kind_is_named(reference_dir, tmp_path, capsys):
     assert main(["convert", "llava-hf", checkpoint, str(tmp_path / "out"), "--no-progress"]) == 1
     assert "model_type 'dynamic_llava_llama'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The official config is checked as it is read (issue #13, items 1 and 5)
+
+
+def edit_config(folder, edit) -> None:
+    path = folder / "config.json"
+    config = read_json(path)
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("use_vision_predictor", "false", "sparse_config.use_vision_predictor must be True or False"),
+        ("use_text_predictor", "false", "sparse_config.use_text_predictor must be True or False"),
+        ("use_output_text_predictor", None, "sparse_config.use_output_text_predictor must be True or False"),
+        ("vision_keep_rate", 1.5, r"sparse_config.vision_keep_rate must be a number in \(0, 1\]"),
+        ("d_model", "512", "sparse_config.d_model must be a positive int"),
+        ("sparse_layer", 0, "sparse_config.sparse_layer must be a positive int"),
+    ],
+)
+def test_official_sparse_config_values_are_checked_under_their_names(
+    reference_copy, tmp_path, capsys, key, value, message
+):
+    edit_config(reference_copy, lambda config: config["sparse_config"].__setitem__(key, value))
+    assert main(["convert", "original", str(reference_copy), str(tmp_path / "out"), "--no-progress"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert re.search(message, error) and "\n" not in error
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
+
+
+def test_converter_never_writes_a_string_boolean(reference_copy, tmp_path):
+    with pytest.raises(ValueError, match="use_instruct_predictor must be True or False"):
+        convert_original_checkpoint(str(reference_copy), str(tmp_path / "out"), use_instruct_predictor="false")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_official_config_without_vocab_size_is_one_line(reference_copy, tmp_path, capsys):
+    edit_config(reference_copy, lambda config: config.pop("vocab_size"))
+    assert main(["convert", "original", str(reference_copy), str(tmp_path / "out"), "--no-progress"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "lacks vocab_size" in error and "\n" not in error

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache_dynamic_llava import KeyLayout
-from .configuration_dynamic_llava import check_keep_rate, check_non_negative_int, check_vision_selector
+from .configuration_dynamic_llava import FIELD_CHECKS, validate_sparsity_settings
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -34,6 +34,12 @@ class SparsitySettings:
     vision_selector: str = "learned"
     vision_selector_seed: int = 0
 
+    def __post_init__(self):
+        # The same checks as the config's fields: a per-call {"use_vision_predictor": "no"} is an error, not a truthy
+        # string, and numpy/0-d tensor rates become floats.
+        for item in dataclasses.fields(self):
+            object.__setattr__(self, item.name, FIELD_CHECKS[item.name](item.name, getattr(self, item.name)))
+
     @classmethod
     def from_config(cls, config) -> "SparsitySettings":
         return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)})
@@ -49,6 +55,8 @@ class SparsitySettings:
 
 def resolve_sparsity(model, sparsity) -> SparsitySettings:
     """Turns the `sparsity` argument into settings, checking that the predictors it needs exist."""
+    # The config may have been changed since the model was built (e.g. `model.config.sparse_layer = 99`).
+    validate_sparsity_settings(model.config)
     if sparsity is None or sparsity is True:
         settings = SparsitySettings.from_config(model.config)
     elif sparsity is False:
@@ -65,9 +73,6 @@ def resolve_sparsity(model, sparsity) -> SparsitySettings:
         raise TypeError(
             f"sparsity must be None, True, False, a dict or a SparsitySettings, got {type(sparsity).__name__}"
         )
-    check_keep_rate("vision_keep_rate", settings.vision_keep_rate)
-    check_vision_selector(settings.vision_selector)
-    check_non_negative_int("vision_selector_seed", settings.vision_selector_seed)
     for flag, module in (
         ("use_vision_predictor", "image_score_predictor"),
         ("use_output_text_predictor", "output_text_score_predictor"),
