@@ -313,15 +313,23 @@ def test_llava_hf_checkpoint_converts_with_only_predictors_new(llava_hf_sources,
     assert all(torch.equal(converted[key], tensor) for key, tensor in source.items())
 
     input_ids, attention_mask, pixel_values = llava_inputs()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
     with torch.no_grad():
-        expected = source_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
-        dense = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, sparsity=False)
-        sparse = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        expected = source_model(**inputs).logits
+        dense = model(**inputs, sparsity=False)
+        default = model(**inputs)
+        sparse = model(**inputs, sparsity=True)
     valid = attention_mask.bool()
-    assert (dense.logits[valid] - expected[valid]).abs().max() <= 1e-5
-    # The fresh predictors prune: floor(9 * vision_keep_rate) image tokens kept per image.
+    # Untrained predictors are not used unless asked for: by default the model is the source Llava.
+    assert read_json(dst / "config.json")["predictors_trained"] is False
+    for out in (dense, default):
+        assert (out.logits[valid] - expected[valid]).abs().max() <= 1e-5
+        assert out.kept_image_token_indices is None and out.output_keep_decisions is None
+    # Asked for, the fresh predictors prune: floor(9 * vision_keep_rate) image tokens kept per image.
     kept = int(9 * model.config.vision_keep_rate)
     assert [len(indices) for indices in sparse.kept_image_token_indices] == [kept, kept]
+    card = read_text(dst / "README.md")
+    assert '"predictors_trained": false' in card and "sparsity=True" in card
 
     processor = AutoProcessor.from_pretrained(dst)
     assert isinstance(processor, LlavaProcessor) and processor.chat_template == VICUNA_V1_CHAT_TEMPLATE
@@ -503,3 +511,68 @@ def test_official_config_without_vocab_size_is_one_line(reference_copy, tmp_path
     assert main(["convert", "original", str(reference_copy), str(tmp_path / "out"), "--no-progress"]) == 1
     error = capsys.readouterr().err.strip()
     assert "lacks vocab_size" in error and "\n" not in error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# No pruning with untrained predictors by default (issue #13, item 2)
+
+
+def generate_new_tokens(model, **kwargs):
+    input_ids, attention_mask, pixel_values = llava_inputs()
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        max_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+    return out.sequences[:, input_ids.shape[1] :], out.past_key_values
+
+
+def test_fresh_llava_hf_conversion_generates_like_the_source(llava_hf_sources, tmp_path):
+    source_model, sources = llava_hf_sources
+    dst = tmp_path / "converted"
+    convert_llava_hf_checkpoint(sources["current"], str(dst), progress=False, **TINY_PREDICTORS)
+    model = AutoModelForImageTextToText.from_pretrained(dst).eval()
+    kept = [int(9 * model.config.vision_keep_rate)] * 2
+    expected, _ = generate_new_tokens(source_model)
+    tokens, cache = generate_new_tokens(model)
+    assert torch.equal(tokens, expected)
+    report = cache.sparsity_report()
+    assert all(row["image_tokens_kept"] == row["image_tokens_total"] for row in report)
+    assert all(row["generated_tokens_kept"] == row["generated_tokens_total"] for row in report)
+    # A training-free selector asked for per call prunes image tokens, and only those.
+    _, cache = generate_new_tokens(model, sparsity={"use_vision_predictor": True, "vision_selector": "fastv"})
+    assert [row["image_tokens_kept"] for row in cache.sparsity_report()] == kept
+    assert all(row["generated_tokens_kept"] == row["generated_tokens_total"] for row in cache.sparsity_report())
+    # Switched on for the whole model, the (random) predictors prune.
+    model.config.predictors_trained = True
+    _, cache = generate_new_tokens(model)
+    assert [row["image_tokens_kept"] for row in cache.sparsity_report()] == kept
+
+
+def test_llava_hf_conversion_can_ask_for_sparsification(llava_hf_sources, tmp_path):
+    _, sources = llava_hf_sources
+    fastv, trained = tmp_path / "fastv", tmp_path / "trained"
+    common = ["--no-progress", "--predictor-d-model", "16", "--predictor-num-heads", "2", "--predictor-ffn-dim", "32"]
+    assert main(["convert", "llava-hf", sources["current"], str(fastv), "--vision-selector", "fastv", *common]) == 0
+    assert main(["convert", "llava-hf", sources["current"], str(trained), "--predictors-trained", *common]) == 0
+    kept = [int(9 * DynamicLlavaConfig().vision_keep_rate)] * 2
+    assert read_json(fastv / "config.json")["predictors_trained"] is False
+    assert read_json(trained / "config.json")["predictors_trained"] is True
+    _, cache = generate_new_tokens(AutoModelForImageTextToText.from_pretrained(fastv).eval())
+    report = cache.sparsity_report()
+    assert [row["image_tokens_kept"] for row in report] == kept
+    assert all(row["generated_tokens_kept"] == row["generated_tokens_total"] for row in report)
+    _, cache = generate_new_tokens(AutoModelForImageTextToText.from_pretrained(trained).eval())
+    assert [row["image_tokens_kept"] for row in cache.sparsity_report()] == kept
+
+
+def test_official_conversion_and_the_demo_model_prune_by_default(converted_reference):
+    import dynamic_llava_hf
+
+    demo = os.path.join(os.path.dirname(dynamic_llava_hf.__file__), "demo_model_files")
+    for folder in (converted_reference["default"], demo):
+        assert DynamicLlavaConfig.from_pretrained(folder).predictors_trained is True

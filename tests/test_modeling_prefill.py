@@ -219,3 +219,28 @@ def test_from_pretrained_rejects_a_bad_sparse_layer(tmp_path, sparse_layer):
         DynamicLlavaForConditionalGeneration.from_pretrained(tmp_path, sparse_layer=sparse_layer)
     loaded = DynamicLlavaForConditionalGeneration.from_pretrained(tmp_path, sparse_layer=3)
     assert loaded.config.sparse_layer == 3
+
+
+def test_untrained_predictors_are_not_used_unless_asked_for():
+    model = tiny_model(predictors_trained=False)
+    llava = llava_twin(model, "sdpa")
+    input_ids, attention_mask, pixel_values = build_prompts(MIXED_ROWS)
+    default = run(model, input_ids, attention_mask, pixel_values)
+    with torch.no_grad():
+        expected = llava(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            position_ids=generation_positions(attention_mask),
+        )
+    valid = attention_mask.bool()
+    assert (default.logits - expected.logits)[valid].abs().max() <= 1e-5
+    assert default.kept_image_token_indices is None
+    # Asked for: all of them (True), or what a dict switches on.
+    assert run(model, input_ids, attention_mask, pixel_values, sparsity=True).kept_image_token_indices
+    only_images = run(model, input_ids, attention_mask, pixel_values, sparsity={"use_vision_predictor": True})
+    assert only_images.kept_image_token_indices and only_images.output_keep_decisions is None
+    # A training-free selector in the config prunes image tokens without asking.
+    model.config.vision_selector = "fastv"
+    kept = run(model, input_ids, attention_mask, pixel_values).kept_image_token_indices
+    assert [len(indices) for indices in kept] == [4, 4, 4]

@@ -49,6 +49,12 @@ class DynamicLlavaConfig(LlavaConfig):
             Transformer blocks in the image predictor (official `num_layers`).
         mask_loss_weight (`float`, *optional*, defaults to 100.0):
             Weight of the keep-rate losses in training.
+        predictors_trained (`bool`, *optional*, defaults to `True`):
+            Whether the learned predictors hold trained weights. `convert llava-hf` writes `False` (its predictors are
+            freshly initialised): calls without `sparsity=` then leave the learned predictors out, so the model equals
+            the source Llava (a training-free `vision_selector` still prunes). `sparsity=True`, or a `sparsity` dict
+            that switches a predictor on, uses them anyway; `DynamicLlavaTrainer` sets it to `True` when training
+            starts.
     """
 
     model_type = "dynamic_llava"
@@ -69,6 +75,7 @@ class DynamicLlavaConfig(LlavaConfig):
     predictor_ffn_dim: int = 2048
     predictor_num_layers: int = 2
     mask_loss_weight: float = 100.0
+    predictors_trained: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -210,6 +217,7 @@ FIELD_CHECKS = {
     "predictor_ffn_dim": check_positive_int,
     "predictor_num_layers": check_positive_int,
     "mask_loss_weight": check_non_negative_number,
+    "predictors_trained": as_bool,
 }
 
 

@@ -53,11 +53,31 @@ class SparsitySettings:
         return self.use_vision_predictor or self.use_output_text_predictor or self.use_instruct_predictor
 
 
+def default_settings(model) -> SparsitySettings:
+    """What a call without `sparsity=` runs: the config's settings, except that while the learned predictors are
+    untrained (`config.predictors_trained=False`) an inference call leaves them out, so it equals plain LLaVA (a
+    training-free `vision_selector` still prunes). A training forward uses them: it is what trains them."""
+    settings = SparsitySettings.from_config(model.config)
+    if model.config.predictors_trained or model.training:
+        return settings
+    return dataclasses.replace(
+        settings,
+        use_vision_predictor=settings.use_vision_predictor and settings.vision_selector != "learned",
+        use_output_text_predictor=False,
+        use_instruct_predictor=False,
+    )
+
+
 def resolve_sparsity(model, sparsity) -> SparsitySettings:
-    """Turns the `sparsity` argument into settings, checking that the predictors it needs exist."""
+    """Turns the `sparsity` argument into settings, checking that the predictors it needs exist.
+
+    None: the model's default (`default_settings`); True: the config's settings, learned predictors included even if
+    untrained; False: nothing; a dict: the default with those fields replaced."""
     # The config may have been changed since the model was built (e.g. `model.config.sparse_layer = 99`).
     validate_sparsity_settings(model.config)
-    if sparsity is None or sparsity is True:
+    if sparsity is None:
+        settings = default_settings(model)
+    elif sparsity is True:
         settings = SparsitySettings.from_config(model.config)
     elif sparsity is False:
         return SparsitySettings.off()
@@ -68,7 +88,7 @@ def resolve_sparsity(model, sparsity) -> SparsitySettings:
         unknown = set(sparsity) - known
         if unknown:
             raise ValueError(f"Unknown sparsity setting(s) {sorted(unknown)}; valid ones are {sorted(known)}")
-        settings = dataclasses.replace(SparsitySettings.from_config(model.config), **sparsity)
+        settings = dataclasses.replace(default_settings(model), **sparsity)
     else:
         raise TypeError(
             f"sparsity must be None, True, False, a dict or a SparsitySettings, got {type(sparsity).__name__}"

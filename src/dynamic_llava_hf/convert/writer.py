@@ -192,6 +192,7 @@ def model_card(
         source_description=source_description,
         conversion_command=command,
         untrained_predictors=untrained_predictors,
+        predictors_trained=config.predictors_trained,
         processor_written=processor_written,
         sparse_settings=[
             ("sparse_layer", config.sparse_layer, "decoder layer at whose input tokens are pruned"),
@@ -203,6 +204,11 @@ def model_card(
                 "drop generated tokens' KV in layers >= sparse_layer",
             ),
             ("use_instruct_predictor", config.use_instruct_predictor, "prune the prompt text after the image"),
+            (
+                "predictors_trained",
+                config.predictors_trained,
+                "the learned predictors run without sparsity= (false: only when asked for)",
+            ),
         ],
         image_size=config.vision_config.image_size,
         image_tokens=tokens,
