@@ -12,6 +12,7 @@ import jinja2.meta
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_text_config, tiny_vision_config
 from tiny_processor import tiny_tokenizer
@@ -576,3 +577,28 @@ def test_official_conversion_and_the_demo_model_prune_by_default(converted_refer
     demo = os.path.join(os.path.dirname(dynamic_llava_hf.__file__), "demo_model_files")
     for folder in (converted_reference["default"], demo):
         assert DynamicLlavaConfig.from_pretrained(folder).predictors_trained is True
+
+
+def test_model_card_recipe_for_a_source_without_tokenizer(converted_reference, tmp_path):
+    folder = tmp_path / "converted"
+    shutil.copytree(converted_reference["default"], folder)
+    config = DynamicLlavaConfig.from_pretrained(folder)
+    tokenizer_folder = tmp_path / "source_tokenizer"
+    tiny_tokenizer(vocab_size=config.image_token_id).save_pretrained(tokenizer_folder)  # the source's vocabulary
+    card = read_text(folder / "README.md")
+    recipe = next(
+        block for block in re.findall(r"```python\n(.*?)```", card, flags=re.DOTALL) if "build_processor" in block
+    )
+    recipe = recipe.replace("path/to/source-tokenizer", str(tokenizer_folder))
+    recipe = re.sub(r'folder = ".*"', f'folder = "{folder}"', recipe)
+    exec(compile(recipe, "MODEL_CARD.md", "exec"), {})  # noqa: S102 - the card's own example code
+
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    image_size = config.vision_config.image_size
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w1 w2"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    images = [Image.new("RGB", (50, 30), "red"), Image.new("RGB", (20, 90), "blue")]
+    inputs = processor(images=images, text=[prompt, prompt + " w3"], padding=True, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (2, 3, image_size, image_size)
+    assert int(inputs["input_ids"].max()) < config.text_config.vocab_size
+    assert int((inputs["input_ids"][0] == config.image_token_id).sum()) == config.image_seq_length
