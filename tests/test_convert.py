@@ -1,6 +1,7 @@
 """`dynamic-llava convert`: official and llava-hf sources, remote-code loading, processor files, safety rules."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -602,3 +603,85 @@ def test_model_card_recipe_for_a_source_without_tokenizer(converted_reference, t
     assert inputs["pixel_values"].shape == (2, 3, image_size, image_size)
     assert int(inputs["input_ids"].max()) < config.text_config.vocab_size
     assert int((inputs["input_ids"][0] == config.image_token_id).sum()) == config.image_seq_length
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What interrupted or failing conversions leave behind (issue #13, item 5)
+
+
+def test_output_folder_gets_ordinary_permissions(reference_copy, tmp_path):
+    dst = tmp_path / "out"
+    convert_original_checkpoint(str(reference_copy), str(dst), progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(dst).st_mode & 0o777 == 0o777 & ~umask
+
+
+def simulate_killed_runs(tmp_path, dst_exists: bool):
+    """What `kill -9` leaves: an unfinished output, and (killed between the two renames of --force) the previous
+    destination moved aside."""
+    converting = tmp_path / ".out.converting-k1ll3d"
+    converting.mkdir()
+    (converting / "model.safetensors").write_bytes(b"\0" * 4096)
+    replaced = tmp_path / ".out.replaced-k1ll3d"
+    (replaced / "out").mkdir(parents=True)
+    (replaced / "out" / "keep.txt").write_text("the previous destination")
+    if dst_exists:
+        existing_destination(tmp_path)
+    return converting, replaced
+
+
+def test_leftovers_are_reported_then_removed_with_force(reference_copy, tmp_path, caplog):
+    converting, replaced = simulate_killed_runs(tmp_path, dst_exists=False)
+    dst = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="dynamic_llava_hf.convert.writer"):
+        convert_original_checkpoint(str(reference_copy), str(dst), progress=False)
+    messages = caplog.text
+    assert str(converting) in messages and "unfinished output of an interrupted conversion" in messages
+    assert str(replaced) in messages and "previous destination" in messages and "--force" in messages
+    assert f"{dst} is missing: its previous version is {replaced / 'out'}" in messages
+    assert sorted(leftovers(tmp_path)) == sorted([converting.name, replaced.name])  # reported, not touched
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dynamic_llava_hf.convert.writer"):
+        convert_original_checkpoint(str(reference_copy), str(dst), force=True, progress=False)
+    assert "removed once this conversion succeeds" in caplog.text
+    assert not leftovers(tmp_path) and os.path.isfile(dst / "model.safetensors")
+
+
+def test_a_failing_run_keeps_the_leftovers(reference_copy, tmp_path, caplog):
+    _, replaced = simulate_killed_runs(tmp_path, dst_exists=False)
+    # A failing run (broken source) reports and keeps everything: the previous version is the only copy.
+    (reference_copy / "model.safetensors").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="dynamic_llava_hf.convert.writer"):
+        argv = ["convert", "original", str(reference_copy), str(tmp_path / "out"), "--no-progress", "--force"]
+        assert main(argv) == 1
+    assert f"{tmp_path / 'out'} is missing: its previous version is {replaced / 'out'}" in caplog.text
+    assert (replaced / "out" / "keep.txt").read_text() == "the previous destination"
+    assert len(leftovers(tmp_path)) == 2
+
+
+WRITE_WITH_FILE_SIZE_LIMIT = r"""
+import resource, signal, sys
+from dynamic_llava_hf.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # the code files fit, the weights do not
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_write_failure_is_one_line_and_changes_nothing(reference_copy, tmp_path):
+    dst = existing_destination(tmp_path)
+    completed = subprocess.run(
+        [sys.executable, "-c", WRITE_WITH_FILE_SIZE_LIMIT, "convert", "original", str(reference_copy), str(dst)]
+        + ["--no-progress", "--force"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert completed.returncode == 1, completed.stderr[-2000:]
+    error = completed.stderr.strip().splitlines()[-1]
+    assert error.startswith("dynamic-llava convert: error: Writing the converted folder failed")
+    assert "File too large" in error and f"{dst} is unchanged" in error and "Traceback" not in completed.stderr
+    assert os.listdir(dst) == ["keep.txt"] and not leftovers(tmp_path)
