@@ -1,6 +1,7 @@
 """`dynamic-llava convert`: official and llava-hf sources, remote-code loading, processor files, safety rules."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import jinja2.meta
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_text_config, tiny_vision_config
 from tiny_processor import tiny_tokenizer
@@ -336,15 +338,23 @@ def test_llava_hf_checkpoint_converts_with_only_predictors_new(llava_hf_sources,
     assert all(torch.equal(converted[key], tensor) for key, tensor in source.items())
 
     input_ids, attention_mask, pixel_values = llava_inputs()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
     with torch.no_grad():
-        expected = source_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
-        dense = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, sparsity=False)
-        sparse = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        expected = source_model(**inputs).logits
+        dense = model(**inputs, sparsity=False)
+        default = model(**inputs)
+        sparse = model(**inputs, sparsity=True)
     valid = attention_mask.bool()
-    assert (dense.logits[valid] - expected[valid]).abs().max() <= 1e-5
-    # The fresh predictors prune: floor(9 * vision_keep_rate) image tokens kept per image.
+    # Untrained predictors are not used unless asked for: by default the model is the source Llava.
+    assert read_json(dst / "config.json")["predictors_trained"] is False
+    for out in (dense, default):
+        assert (out.logits[valid] - expected[valid]).abs().max() <= 1e-5
+        assert out.kept_image_token_indices is None and out.output_keep_decisions is None
+    # Asked for, the fresh predictors prune: floor(9 * vision_keep_rate) image tokens kept per image.
     kept = int(9 * model.config.vision_keep_rate)
     assert [len(indices) for indices in sparse.kept_image_token_indices] == [kept, kept]
+    card = read_text(dst / "README.md")
+    assert '"predictors_trained": false' in card and "sparsity=True" in card
 
     processor = AutoProcessor.from_pretrained(dst)
     assert isinstance(processor, LlavaProcessor) and processor.chat_template == VICUNA_V1_CHAT_TEMPLATE
@@ -481,3 +491,220 @@ def test_wrong_source_kind_is_named(reference_dir, tmp_path, capsys):
     assert main(["convert", "llava-hf", checkpoint, str(tmp_path / "out"), "--no-progress"]) == 1
     assert "model_type 'dynamic_llava_llama'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The official config is checked as it is read (issue #13, items 1 and 5)
+
+
+def edit_config(folder, edit) -> None:
+    path = folder / "config.json"
+    config = read_json(path)
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("use_vision_predictor", "false", "sparse_config.use_vision_predictor must be True or False"),
+        ("use_text_predictor", "false", "sparse_config.use_text_predictor must be True or False"),
+        ("use_output_text_predictor", None, "sparse_config.use_output_text_predictor must be True or False"),
+        ("vision_keep_rate", 1.5, r"sparse_config.vision_keep_rate must be a number in \(0, 1\]"),
+        ("d_model", "512", "sparse_config.d_model must be a positive int"),
+        ("sparse_layer", 0, "sparse_config.sparse_layer must be a positive int"),
+    ],
+)
+def test_official_sparse_config_values_are_checked_under_their_names(
+    reference_copy, tmp_path, capsys, key, value, message
+):
+    edit_config(reference_copy, lambda config: config["sparse_config"].__setitem__(key, value))
+    assert main(["convert", "original", str(reference_copy), str(tmp_path / "out"), "--no-progress"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert re.search(message, error) and "\n" not in error
+    assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
+
+
+def test_converter_never_writes_a_string_boolean(reference_copy, tmp_path):
+    with pytest.raises(ValueError, match="use_instruct_predictor must be True or False"):
+        convert_original_checkpoint(str(reference_copy), str(tmp_path / "out"), use_instruct_predictor="false")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_official_config_without_vocab_size_is_one_line(reference_copy, tmp_path, capsys):
+    edit_config(reference_copy, lambda config: config.pop("vocab_size"))
+    assert main(["convert", "original", str(reference_copy), str(tmp_path / "out"), "--no-progress"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "lacks vocab_size" in error and "\n" not in error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# No pruning with untrained predictors by default (issue #13, item 2)
+
+
+def generate_new_tokens(model, **kwargs):
+    input_ids, attention_mask, pixel_values = llava_inputs()
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        max_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+    return out.sequences[:, input_ids.shape[1] :], out.past_key_values
+
+
+def test_fresh_llava_hf_conversion_generates_like_the_source(llava_hf_sources, tmp_path):
+    source_model, sources = llava_hf_sources
+    dst = tmp_path / "converted"
+    convert_llava_hf_checkpoint(sources["current"], str(dst), progress=False, **TINY_PREDICTORS)
+    model = AutoModelForImageTextToText.from_pretrained(dst).eval()
+    kept = [int(9 * model.config.vision_keep_rate)] * 2
+    expected, _ = generate_new_tokens(source_model)
+    tokens, cache = generate_new_tokens(model)
+    assert torch.equal(tokens, expected)
+    report = cache.sparsity_report()
+    assert all(row["image_tokens_kept"] == row["image_tokens_total"] for row in report)
+    assert all(row["generated_tokens_kept"] == row["generated_tokens_total"] for row in report)
+    # A training-free selector asked for per call prunes image tokens, and only those.
+    _, cache = generate_new_tokens(model, sparsity={"use_vision_predictor": True, "vision_selector": "fastv"})
+    assert [row["image_tokens_kept"] for row in cache.sparsity_report()] == kept
+    assert all(row["generated_tokens_kept"] == row["generated_tokens_total"] for row in cache.sparsity_report())
+    # Switched on for the whole model, the (random) predictors prune.
+    model.config.predictors_trained = True
+    _, cache = generate_new_tokens(model)
+    assert [row["image_tokens_kept"] for row in cache.sparsity_report()] == kept
+
+
+def test_llava_hf_conversion_can_ask_for_sparsification(llava_hf_sources, tmp_path):
+    _, sources = llava_hf_sources
+    fastv, trained = tmp_path / "fastv", tmp_path / "trained"
+    common = ["--no-progress", "--predictor-d-model", "16", "--predictor-num-heads", "2", "--predictor-ffn-dim", "32"]
+    assert main(["convert", "llava-hf", sources["current"], str(fastv), "--vision-selector", "fastv", *common]) == 0
+    assert main(["convert", "llava-hf", sources["current"], str(trained), "--predictors-trained", *common]) == 0
+    kept = [int(9 * DynamicLlavaConfig().vision_keep_rate)] * 2
+    assert read_json(fastv / "config.json")["predictors_trained"] is False
+    assert read_json(trained / "config.json")["predictors_trained"] is True
+    _, cache = generate_new_tokens(AutoModelForImageTextToText.from_pretrained(fastv).eval())
+    report = cache.sparsity_report()
+    assert [row["image_tokens_kept"] for row in report] == kept
+    assert all(row["generated_tokens_kept"] == row["generated_tokens_total"] for row in report)
+    _, cache = generate_new_tokens(AutoModelForImageTextToText.from_pretrained(trained).eval())
+    assert [row["image_tokens_kept"] for row in cache.sparsity_report()] == kept
+
+
+def test_official_conversion_and_the_demo_model_prune_by_default(converted_reference):
+    import dynamic_llava_hf
+
+    demo = os.path.join(os.path.dirname(dynamic_llava_hf.__file__), "demo_model_files")
+    for folder in (converted_reference["default"], demo):
+        assert DynamicLlavaConfig.from_pretrained(folder).predictors_trained is True
+
+
+def test_model_card_recipe_for_a_source_without_tokenizer(converted_reference, tmp_path):
+    folder = tmp_path / "converted"
+    shutil.copytree(converted_reference["default"], folder)
+    config = DynamicLlavaConfig.from_pretrained(folder)
+    tokenizer_folder = tmp_path / "source_tokenizer"
+    tiny_tokenizer(vocab_size=config.image_token_id).save_pretrained(tokenizer_folder)  # the source's vocabulary
+    card = read_text(folder / "README.md")
+    recipe = next(
+        block for block in re.findall(r"```python\n(.*?)```", card, flags=re.DOTALL) if "build_processor" in block
+    )
+    recipe = recipe.replace("path/to/source-tokenizer", str(tokenizer_folder))
+    recipe = re.sub(r'folder = ".*"', f'folder = "{folder}"', recipe)
+    exec(compile(recipe, "MODEL_CARD.md", "exec"), {})  # noqa: S102 - the card's own example code
+
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    image_size = config.vision_config.image_size
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w1 w2"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    images = [Image.new("RGB", (50, 30), "red"), Image.new("RGB", (20, 90), "blue")]
+    inputs = processor(images=images, text=[prompt, prompt + " w3"], padding=True, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (2, 3, image_size, image_size)
+    assert int(inputs["input_ids"].max()) < config.text_config.vocab_size
+    assert int((inputs["input_ids"][0] == config.image_token_id).sum()) == config.image_seq_length
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What interrupted or failing conversions leave behind (issue #13, item 5)
+
+
+def test_output_folder_gets_ordinary_permissions(reference_copy, tmp_path):
+    dst = tmp_path / "out"
+    convert_original_checkpoint(str(reference_copy), str(dst), progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(dst).st_mode & 0o777 == 0o777 & ~umask
+
+
+def simulate_killed_runs(tmp_path, dst_exists: bool):
+    """What `kill -9` leaves: an unfinished output, and (killed between the two renames of --force) the previous
+    destination moved aside."""
+    converting = tmp_path / ".out.converting-k1ll3d"
+    converting.mkdir()
+    (converting / "model.safetensors").write_bytes(b"\0" * 4096)
+    replaced = tmp_path / ".out.replaced-k1ll3d"
+    (replaced / "out").mkdir(parents=True)
+    (replaced / "out" / "keep.txt").write_text("the previous destination")
+    if dst_exists:
+        existing_destination(tmp_path)
+    return converting, replaced
+
+
+def test_leftovers_are_reported_then_removed_with_force(reference_copy, tmp_path, caplog):
+    converting, replaced = simulate_killed_runs(tmp_path, dst_exists=False)
+    dst = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="dynamic_llava_hf.convert.writer"):
+        convert_original_checkpoint(str(reference_copy), str(dst), progress=False)
+    messages = caplog.text
+    assert str(converting) in messages and "unfinished output of an interrupted conversion" in messages
+    assert str(replaced) in messages and "previous destination" in messages and "--force" in messages
+    assert f"{dst} is missing: its previous version is {replaced / 'out'}" in messages
+    assert sorted(leftovers(tmp_path)) == sorted([converting.name, replaced.name])  # reported, not touched
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dynamic_llava_hf.convert.writer"):
+        convert_original_checkpoint(str(reference_copy), str(dst), force=True, progress=False)
+    assert "removed once this conversion succeeds" in caplog.text
+    assert not leftovers(tmp_path) and os.path.isfile(dst / "model.safetensors")
+
+
+def test_a_failing_run_keeps_the_leftovers(reference_copy, tmp_path, caplog):
+    _, replaced = simulate_killed_runs(tmp_path, dst_exists=False)
+    # A failing run (broken source) reports and keeps everything: the previous version is the only copy.
+    (reference_copy / "model.safetensors").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="dynamic_llava_hf.convert.writer"):
+        argv = ["convert", "original", str(reference_copy), str(tmp_path / "out"), "--no-progress", "--force"]
+        assert main(argv) == 1
+    assert f"{tmp_path / 'out'} is missing: its previous version is {replaced / 'out'}" in caplog.text
+    assert (replaced / "out" / "keep.txt").read_text() == "the previous destination"
+    assert len(leftovers(tmp_path)) == 2
+
+
+WRITE_WITH_FILE_SIZE_LIMIT = r"""
+import resource, signal, sys
+from dynamic_llava_hf.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # the code files fit, the weights do not
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_write_failure_is_one_line_and_changes_nothing(reference_copy, tmp_path):
+    dst = existing_destination(tmp_path)
+    completed = subprocess.run(
+        [sys.executable, "-c", WRITE_WITH_FILE_SIZE_LIMIT, "convert", "original", str(reference_copy), str(dst)]
+        + ["--no-progress", "--force"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert completed.returncode == 1, completed.stderr[-2000:]
+    error = completed.stderr.strip().splitlines()[-1]
+    assert error.startswith("dynamic-llava convert: error: Writing the converted folder failed")
+    assert "File too large" in error and f"{dst} is unchanged" in error and "Traceback" not in completed.stderr
+    assert os.listdir(dst) == ["keep.txt"] and not leftovers(tmp_path)

@@ -301,3 +301,39 @@ def test_sparsity_report_counts_what_was_kept():
         prompt = int(attention_mask[row].sum())
         assert stored[-1, row] == prompt - 5 + entry["generated_tokens_kept"]
         assert entry["kv_bytes_ratio"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A cache from somewhere else says so (issue #13, item 6)
+
+
+def test_a_cache_of_another_batch_size_is_named():
+    model = tiny_model()
+    one_row = build_prompts([(3, 1, 5)])
+    two_rows = build_prompts([(3, 1, 5), (2, 1, 4)])
+    inputs = dict(zip(("input_ids", "attention_mask", "pixel_values"), one_row))
+    cache = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True).past_key_values
+    inputs = dict(zip(("input_ids", "attention_mask", "pixel_values"), two_rows))
+    with pytest.raises(ValueError, match=r"holds 1 row\(s\) from an earlier call, but the input has 2"):
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=2)
+
+
+def test_a_cache_built_for_another_sparse_layer_is_named():
+    model = tiny_model(sparse_layer=3)
+    input_ids, attention_mask, pixel_values = build_prompts([(3, 1, 5)])
+    cache = DynamicLlavaCache(tiny_model(sparse_layer=2).config)
+    with pytest.raises(
+        ValueError, match="built for a model with sparse_layer=2 and 4 layers, but this model has sparse"
+    ):
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            past_key_values=cache,
+            max_new_tokens=2,
+        )
+    # The same when the model's config changed after the cache was built.
+    cache = DynamicLlavaCache(model.config)
+    model.config.sparse_layer = 1
+    with pytest.raises(ValueError, match="sparse_layer=3 and 4 layers, but this model has sparse_layer=1"):
+        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, past_key_values=cache)

@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,3 +208,70 @@ def test_generate_checks_pixel_values_before_encoding_them():
             pixel_values=torch.randn(3, 3, IMAGE_SIZE + 14, IMAGE_SIZE),
             max_new_tokens=2,
         )
+
+
+@pytest.mark.parametrize("value", ["no", "false", None, 0])
+def test_per_call_booleans_must_be_booleans(value):
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(MIXED_ROWS)
+    with pytest.raises(ValueError, match="use_vision_predictor must be True or False"):
+        run(model, input_ids, attention_mask, pixel_values, sparsity={"use_vision_predictor": value})
+
+
+def test_per_call_rates_accept_numpy_and_tensor_scalars():
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(MIXED_ROWS)
+    expected = run(model, input_ids, attention_mask, pixel_values, sparsity={"vision_keep_rate": 1 / 3})
+    for rate in (np.float32(1 / 3), torch.tensor(1 / 3)):
+        out = run(model, input_ids, attention_mask, pixel_values, sparsity={"vision_keep_rate": rate})
+        assert [len(kept) for kept in out.kept_image_token_indices] == [3, 3, 3]
+        torch.testing.assert_close(out.logits, expected.logits)
+
+
+def test_a_config_changed_behind_the_checks_is_caught_at_forward():
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(MIXED_ROWS)
+    with pytest.raises(ValueError, match="sparse_layer must be in"):
+        model.config.sparse_layer = 9
+    # A config object that skipped the checks (e.g. written through __dict__) still cannot run.
+    model.config.__dict__["sparse_layer"] = 9
+    with pytest.raises(ValueError, match=r"sparse_layer must be in \[1, num_hidden_layers\) = \[1, 4\)"):
+        run(model, input_ids, attention_mask, pixel_values)
+    model.config.__dict__["sparse_layer"] = 2
+    model.config.__dict__["use_output_text_predictor"] = "false"
+    with pytest.raises(ValueError, match="use_output_text_predictor must be True or False"):
+        run(model, input_ids, attention_mask, pixel_values)
+
+
+@pytest.mark.parametrize("sparse_layer", [-1, 0, 99])
+def test_from_pretrained_rejects_a_bad_sparse_layer(tmp_path, sparse_layer):
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="sparse_layer must be"):
+        DynamicLlavaForConditionalGeneration.from_pretrained(tmp_path, sparse_layer=sparse_layer)
+    loaded = DynamicLlavaForConditionalGeneration.from_pretrained(tmp_path, sparse_layer=3)
+    assert loaded.config.sparse_layer == 3
+
+
+def test_untrained_predictors_are_not_used_unless_asked_for():
+    model = tiny_model(predictors_trained=False)
+    llava = llava_twin(model, "sdpa")
+    input_ids, attention_mask, pixel_values = build_prompts(MIXED_ROWS)
+    default = run(model, input_ids, attention_mask, pixel_values)
+    with torch.no_grad():
+        expected = llava(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            position_ids=generation_positions(attention_mask),
+        )
+    valid = attention_mask.bool()
+    assert (default.logits - expected.logits)[valid].abs().max() <= 1e-5
+    assert default.kept_image_token_indices is None
+    # Asked for: all of them (True), or what a dict switches on.
+    assert run(model, input_ids, attention_mask, pixel_values, sparsity=True).kept_image_token_indices
+    only_images = run(model, input_ids, attention_mask, pixel_values, sparsity={"use_vision_predictor": True})
+    assert only_images.kept_image_token_indices and only_images.output_keep_decisions is None
+    # A training-free selector in the config prunes image tokens without asking.
+    model.config.vision_selector = "fastv"
+    kept = run(model, input_ids, attention_mask, pixel_values).kept_image_token_indices
+    assert [len(indices) for indices in kept] == [4, 4, 4]

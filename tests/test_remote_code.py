@@ -211,3 +211,58 @@ def test_remote_module_in_this_process_matches_the_installed_package(tmp_path):
         DynamicLlavaCache
     )
     assert torch.equal(remote_cache.stored_lengths(), expected.get(CACHE_NAME).stored_lengths())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which code runs (issue #13, items 3 and 4; README "Which code runs")
+
+WHICH_CODE_RUNS = r"""
+import json, sys
+folder, import_package, trust = json.loads(sys.argv[1])
+if import_package:
+    import dynamic_llava_hf
+from transformers import AutoModelForImageTextToText, AutoProcessor
+result = {}
+try:
+    kwargs = {} if trust is None else {"trust_remote_code": trust}
+    result["model"] = type(AutoModelForImageTextToText.from_pretrained(folder, **kwargs)).__module__
+except ValueError as error:
+    result["model"] = "ValueError: " + str(error)
+result["processor"] = type(AutoProcessor.from_pretrained(folder, trust_remote_code=False)).__name__
+result["folder_code_ran"] = "folder_code_ran" in sys.modules
+print("RESULT " + json.dumps(result))
+"""
+
+
+def which_code_runs(folder: Path, import_package: bool, trust) -> tuple[dict, str]:
+    completed = subprocess.run(
+        [sys.executable, "-c", WHICH_CODE_RUNS, json.dumps([str(folder), import_package, trust])],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,  # an interactive "run the custom code?" prompt would fail instead of waiting
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    # An interactive prompt (answered by the closed stdin) leaves no newline: the result may follow it on its line.
+    lines = [line.split("RESULT ", 1)[1] for line in completed.stdout.splitlines() if "RESULT " in line]
+    assert completed.returncode == 0 and lines, (completed.stdout[-2000:], completed.stderr[-2000:])
+    return json.loads(lines[-1]), completed.stdout + completed.stderr
+
+
+def test_which_code_runs_installed_imported_or_not(tmp_path):
+    save_tiny_checkpoint(tmp_path)
+    with open(tmp_path / "modeling_dynamic_llava.py", "a", encoding="utf-8") as handle:
+        handle.write('\nimport sys\nsys.modules["folder_code_ran"] = sys\n')  # a marker: this copy was executed
+
+    # Installed but not imported: trust_remote_code=True runs the folder's code, not the installed package.
+    result, _ = which_code_runs(tmp_path, import_package=False, trust=True)
+    assert result["model"].startswith("transformers_modules.") and result["folder_code_ran"]
+    # ... and without trust_remote_code it does not load (None would first ask interactively).
+    result, output = which_code_runs(tmp_path, import_package=False, trust=False)
+    assert "trust_remote_code=True" in result["model"] and not result["folder_code_ran"]
+    # The processor is transformers' LlavaProcessor: with trust_remote_code=False no prompt and no custom code.
+    assert result["processor"] == "LlavaProcessor" and "Do you wish to run the custom code" not in output
+    # Imported first: the installed classes, whatever trust_remote_code says; the folder's code never runs.
+    for trust in (True, None):
+        result, _ = which_code_runs(tmp_path, import_package=True, trust=trust)
+        assert result["model"] == "dynamic_llava_hf.modeling_dynamic_llava" and not result["folder_code_ran"]

@@ -15,6 +15,7 @@ from dynamic_llava_hf.train.trainer import (
     DynamicLlavaTrainer,
     DynamicLlavaTrainingArguments,
     GumbelTemperatureCallback,
+    mark_predictors_trained,
     predictor_parameter_groups,
     set_gumbel_tau,
 )
@@ -355,7 +356,8 @@ def collate(samples):
 
 
 def test_a_short_trainer_run_lowers_the_loss_and_moves_the_keep_ratio(tmp_path):
-    model = tiny_model(vision_keep_rate=0.2, output_text_len_for_training=4)
+    # Starts like a fresh `convert llava-hf` output: predictors untrained, so not used by inference calls.
+    model = tiny_model(vision_keep_rate=0.2, output_text_len_for_training=4, predictors_trained=False)
     with torch.no_grad():  # start far from the target: the image predictor keeps ~90% of the tokens
         model.model.image_score_predictor.output_mlp[-1].bias.copy_(torch.tensor([1.1, -1.1]))
     args = DynamicLlavaTrainingArguments(
@@ -387,3 +389,20 @@ def test_a_short_trainer_run_lowers_the_loss_and_moves_the_keep_ratio(tmp_path):
     for key in ("lm_loss", "image_mask_loss", "output_text_mask_loss", "output_text_keep_ratio"):
         assert key in first
     assert len(trainer.optimizer.param_groups) == 4
+    # Trained now: inference calls without sparsity= use the predictors.
+    assert model.config.predictors_trained is True
+    model.eval()
+    batch = training_batch()
+    with torch.no_grad():
+        assert model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).kept_image_token_indices
+
+
+def test_training_marks_the_predictors_trained_only_when_they_train():
+    model = tiny_model(predictors_trained=False)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = "predictor" not in name
+    mark_predictors_trained(model)
+    assert model.config.predictors_trained is False
+    model.model.image_score_predictor.requires_grad_(True)
+    mark_predictors_trained(model)
+    assert model.config.predictors_trained is True

@@ -270,6 +270,24 @@ class DynamicLlavaCache(Cache):
         # (those fed one at a time after a prefill).
         self.token_counts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def check_fits(self, config, batch_size: int) -> None:
+        """Raises a `ValueError` when this cache was filled for another batch or built for a model whose layers split
+        differently; checked before the inputs are read, where such a cache shows up only as confusing counts."""
+        num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        if (self.sparse_layer, len(self.layers)) != (config.sparse_layer, num_layers):
+            raise ValueError(
+                f"This DynamicLlavaCache was built for a model with sparse_layer={self.sparse_layer} and "
+                f"{len(self.layers)} layers, but this model has sparse_layer={config.sparse_layer} and {num_layers}: "
+                "a cache only works with the model settings it was built for. Pass past_key_values=None (or "
+                "DynamicLlavaCache(model.config)) to start a new one."
+            )
+        if self.batch_size not in (-1, batch_size):
+            raise ValueError(
+                f"This DynamicLlavaCache holds {self.batch_size} row(s) from an earlier call, but the input has "
+                f"{batch_size}: a cache only continues the batch it was filled with. Pass past_key_values=None to "
+                "start a new one."
+            )
+
     # ----------------------------------------------------------------------------------------------------------------
     # Step protocol used by the model
 

@@ -1,6 +1,6 @@
 """Configuration of Dynamic-LLaVA: a LLaVA-1.5 configuration plus the sparsification settings of the method."""
 
-from transformers import LlavaConfig
+from transformers import LlavaConfig, PreTrainedConfig
 
 
 class DynamicLlavaConfig(LlavaConfig):
@@ -49,6 +49,12 @@ class DynamicLlavaConfig(LlavaConfig):
             Transformer blocks in the image predictor (official `num_layers`).
         mask_loss_weight (`float`, *optional*, defaults to 100.0):
             Weight of the keep-rate losses in training.
+        predictors_trained (`bool`, *optional*, defaults to `True`):
+            Whether the learned predictors hold trained weights. `convert llava-hf` writes `False` (its predictors are
+            freshly initialised): calls without `sparsity=` then leave the learned predictors out, so the model equals
+            the source Llava (a training-free `vision_selector` still prunes). `sparsity=True`, or a `sparsity` dict
+            that switches a predictor on, uses them anyway; `DynamicLlavaTrainer` sets it to `True` when training
+            starts.
     """
 
     model_type = "dynamic_llava"
@@ -69,64 +75,150 @@ class DynamicLlavaConfig(LlavaConfig):
     predictor_ffn_dim: int = 2048
     predictor_num_layers: int = 2
     mask_loss_weight: float = 100.0
+    predictors_trained: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.validate_sparsity()
 
+    def __setattr__(self, key, value):
+        # Every way a setting enters (the constructor, from_pretrained(..., key=value) overrides, a user mutating
+        # model.config) ends in setattr: check and normalise it here, so "false" or None never reaches the model.
+        check = FIELD_CHECKS.get(key)
+        if check is not None:
+            value = check(key, value)
+            if key == "sparse_layer" and isinstance(self.__dict__.get("text_config"), PreTrainedConfig):
+                check_sparse_layer(value, self.text_config.num_hidden_layers)
+        super().__setattr__(key, value)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # transformers applies `from_pretrained` keyword overrides after __post_init__; check the result again.
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config.validate_sparsity()
+        return loaded
+
     def validate_sparsity(self):
         """Raises a `ValueError` naming the first invalid sparsification setting."""
-        num_layers = self.text_config.num_hidden_layers
-        if isinstance(self.sparse_layer, bool) or not isinstance(self.sparse_layer, int):
-            raise ValueError(f"sparse_layer must be an int, got {self.sparse_layer!r}")
-        if not 1 <= self.sparse_layer < num_layers:
-            raise ValueError(
-                f"sparse_layer must be in [1, num_hidden_layers) = [1, {num_layers}) so that at least one layer sees "
-                f"the full context and at least one is sparsified, got {self.sparse_layer}"
-            )
-        for name in ("vision_keep_rate", "output_text_keep_rate", "instruct_keep_rate"):
-            check_keep_rate(name, getattr(self, name))
-        check_vision_selector(self.vision_selector)
-        check_non_negative_int("vision_selector_seed", self.vision_selector_seed)
-        for name in ("output_text_len_for_training", "instruct_len_for_training"):
-            check_non_negative_int(name, getattr(self, name))
-        for name in ("predictor_d_model", "predictor_num_heads", "predictor_ffn_dim", "predictor_num_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.predictor_d_model % 4 != 0:
-            raise ValueError(
-                "predictor_d_model must be a multiple of 4 (the output MLP halves it twice), "
-                f"got {self.predictor_d_model}"
-            )
-        if self.predictor_d_model % self.predictor_num_heads != 0:
-            raise ValueError(
-                f"predictor_d_model ({self.predictor_d_model}) must be divisible by predictor_num_heads "
-                f"({self.predictor_num_heads})"
-            )
-        if not isinstance(self.mask_loss_weight, (int, float)) or self.mask_loss_weight < 0:
-            raise ValueError(f"mask_loss_weight must be a non-negative number, got {self.mask_loss_weight!r}")
+        validate_sparsity_settings(self)
 
 
-def check_keep_rate(name: str, value) -> None:
+def validate_sparsity_settings(config) -> None:
+    """Checks every sparsification field of `config` (a `DynamicLlavaConfig`, possibly mutated since it was built) and
+    the combinations of fields; raises a `ValueError` naming the first invalid one."""
+    for name, check in FIELD_CHECKS.items():
+        check(name, getattr(config, name))
+    check_sparse_layer(config.sparse_layer, config.text_config.num_hidden_layers)
+    if config.predictor_d_model % 4 != 0:
+        raise ValueError(
+            "predictor_d_model must be a multiple of 4 (the output MLP halves it twice), "
+            f"got {config.predictor_d_model}"
+        )
+    if config.predictor_d_model % config.predictor_num_heads != 0:
+        raise ValueError(
+            f"predictor_d_model ({config.predictor_d_model}) must be divisible by predictor_num_heads "
+            f"({config.predictor_num_heads})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Field checks: each returns the value normalised to a plain Python bool/int/float/str (so config.json stays valid
+# JSON) or raises a ValueError naming the field.
+
+
+def as_bool(name: str, value) -> bool:
+    # Only real booleans: the string "false" is truthy and None falsy, so either would silently flip a predictor.
+    value = as_python_scalar(value)
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def as_python_scalar(value):
+    """numpy scalars and 0-d arrays/tensors as the Python bool/int/float they hold; anything else unchanged."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def as_real(value):
+    """`value` as a Python int/float if it is a real number (also numpy scalars and 0-d arrays/tensors), else None."""
+    value = as_python_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def check_keep_rate(name: str, value) -> float:
     """Keep rates are shares of tokens kept: a number in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+    number = as_real(value)
+    if number is None or not 0.0 < number <= 1.0:  # NaN fails the comparison too
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(number)
 
+
+def check_int(name: str, value, minimum: int) -> int:
+    number = as_real(value)
+    if not isinstance(number, int) or number < minimum:
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(number)
+
+
+def check_non_negative_int(name: str, value) -> int:
+    return check_int(name, value, 0)
+
+
+def check_positive_int(name: str, value) -> int:
+    return check_int(name, value, 1)
+
+
+def check_non_negative_number(name: str, value) -> float:
+    number = as_real(value)
+    if number is None or not 0 <= number < float("inf"):
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(number)
+
+
+def check_sparse_layer(sparse_layer: int, num_hidden_layers: int) -> None:
+    if not 1 <= sparse_layer < num_hidden_layers:
+        raise ValueError(
+            f"sparse_layer must be in [1, num_hidden_layers) = [1, {num_hidden_layers}) so that at least one layer "
+            f"sees the full context and at least one is sparsified, got {sparse_layer}"
+        )
 
 
 # How image tokens are chosen at inference; see `vision_selector` above.
 VISION_SELECTORS = ("learned", "random", "fastv")
 
 
-def check_vision_selector(value) -> None:
+def check_vision_selector(name: str, value) -> str:
     if not isinstance(value, str) or value not in VISION_SELECTORS:
-        raise ValueError(f"vision_selector must be one of {list(VISION_SELECTORS)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {list(VISION_SELECTORS)}, got {value!r}")
+    return value
 
 
-def check_non_negative_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+# The check of every sparsification field (see the class docstring).
+FIELD_CHECKS = {
+    "sparse_layer": check_positive_int,
+    "use_vision_predictor": as_bool,
+    "vision_keep_rate": check_keep_rate,
+    "vision_selector": check_vision_selector,
+    "vision_selector_seed": check_non_negative_int,
+    "use_output_text_predictor": as_bool,
+    "output_text_keep_rate": check_keep_rate,
+    "output_text_len_for_training": check_non_negative_int,
+    "use_instruct_predictor": as_bool,
+    "instruct_keep_rate": check_keep_rate,
+    "instruct_len_for_training": check_non_negative_int,
+    "predictor_d_model": check_positive_int,
+    "predictor_num_heads": check_positive_int,
+    "predictor_ffn_dim": check_positive_int,
+    "predictor_num_layers": check_positive_int,
+    "mask_loss_weight": check_non_negative_number,
+    "predictors_trained": as_bool,
+}
 
 
 __all__ = ["DynamicLlavaConfig"]

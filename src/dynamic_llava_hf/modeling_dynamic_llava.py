@@ -300,6 +300,8 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         prefill: bool = False,
     ) -> DecoderStep:
         """The step state at the first decoder layer: padding mask, original positions and their RoPE."""
+        if cache is not None:
+            cache.check_fits(self.config, inputs_embeds.shape[0])
         past_seen = cache.get_seq_length() if cache is not None else 0
         if num_generated_tokens and past_seen > 0:
             raise ValueError("num_generated_tokens is for decoding without a cache; with a cache pass only new tokens")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache_dynamic_llava import KeyLayout
-from .configuration_dynamic_llava import check_keep_rate, check_non_negative_int, check_vision_selector
+from .configuration_dynamic_llava import FIELD_CHECKS, validate_sparsity_settings
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -35,6 +35,12 @@ class SparsitySettings:
     vision_selector: str = "learned"
     vision_selector_seed: int = 0
 
+    def __post_init__(self):
+        # The same checks as the config's fields: a per-call {"use_vision_predictor": "no"} is an error, not a truthy
+        # string, and numpy/0-d tensor rates become floats.
+        for item in dataclasses.fields(self):
+            object.__setattr__(self, item.name, FIELD_CHECKS[item.name](item.name, getattr(self, item.name)))
+
     @classmethod
     def from_config(cls, config) -> "SparsitySettings":
         return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)})
@@ -48,9 +54,31 @@ class SparsitySettings:
         return self.use_vision_predictor or self.use_output_text_predictor or self.use_instruct_predictor
 
 
+def default_settings(model) -> SparsitySettings:
+    """What a call without `sparsity=` runs: the config's settings, except that while the learned predictors are
+    untrained (`config.predictors_trained=False`) an inference call leaves them out, so it equals plain LLaVA (a
+    training-free `vision_selector` still prunes). A training forward uses them: it is what trains them."""
+    settings = SparsitySettings.from_config(model.config)
+    if model.config.predictors_trained or model.training:
+        return settings
+    return dataclasses.replace(
+        settings,
+        use_vision_predictor=settings.use_vision_predictor and settings.vision_selector != "learned",
+        use_output_text_predictor=False,
+        use_instruct_predictor=False,
+    )
+
+
 def resolve_sparsity(model, sparsity) -> SparsitySettings:
-    """Turns the `sparsity` argument into settings, checking that the predictors it needs exist."""
-    if sparsity is None or sparsity is True:
+    """Turns the `sparsity` argument into settings, checking that the predictors it needs exist.
+
+    None: the model's default (`default_settings`); True: the config's settings, learned predictors included even if
+    untrained; False: nothing; a dict: the default with those fields replaced."""
+    # The config may have been changed since the model was built (e.g. `model.config.sparse_layer = 99`).
+    validate_sparsity_settings(model.config)
+    if sparsity is None:
+        settings = default_settings(model)
+    elif sparsity is True:
         settings = SparsitySettings.from_config(model.config)
     elif sparsity is False:
         return SparsitySettings.off()
@@ -61,14 +89,11 @@ def resolve_sparsity(model, sparsity) -> SparsitySettings:
         unknown = set(sparsity) - known
         if unknown:
             raise ValueError(f"Unknown sparsity setting(s) {sorted(unknown)}; valid ones are {sorted(known)}")
-        settings = dataclasses.replace(SparsitySettings.from_config(model.config), **sparsity)
+        settings = dataclasses.replace(default_settings(model), **sparsity)
     else:
         raise TypeError(
             f"sparsity must be None, True, False, a dict or a SparsitySettings, got {type(sparsity).__name__}"
         )
-    check_keep_rate("vision_keep_rate", settings.vision_keep_rate)
-    check_vision_selector(settings.vision_selector)
-    check_non_negative_int("vision_selector_seed", settings.vision_selector_seed)
     for flag, module in (
         ("use_vision_predictor", "image_score_predictor"),
         ("use_output_text_predictor", "output_text_score_predictor"),

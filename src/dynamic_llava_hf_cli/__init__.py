@@ -326,7 +326,13 @@ def run_convert(args) -> int:
         result = convert_llava_hf_checkpoint(args.src, args.dst, processor=args.processor, seed=args.seed, **common)
     print(f"Wrote {result.dst}: {result.num_tensors} tensors, verified.")
     if result.new_keys:
-        print(f"{len(result.new_keys)} predictor tensors are freshly initialised: train them before using sparsity.")
+        if args.predictors_trained:
+            print(f"{len(result.new_keys)} predictor tensors are freshly initialised and used by default: train them.")
+        else:
+            print(
+                f"{len(result.new_keys)} predictor tensors are freshly initialised, so the model runs as the source "
+                "Llava until they are trained (or until sparsity=True / predictors_trained=True asks for them)."
+            )
     if not result.processor_written:
         print("No tokenizer in the source: no processor files written (see the model card).")
     return 0

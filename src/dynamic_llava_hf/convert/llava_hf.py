@@ -114,6 +114,10 @@ def convert_llava_hf_checkpoint(
     """Converts a transformers `LlavaForConditionalGeneration` folder (legacy or current key layout) into a
     Dynamic-LLaVA folder whose predictors are freshly initialised (seeded with `seed`); all other weights are copied.
 
+    The predictors are untrained, so the config says `predictors_trained=False`: without `sparsity=` the converted
+    model computes exactly what the source does (a training-free `vision_selector="fastv"`/`"random"` still prunes
+    image tokens) until training, `sparsity=True` or `predictors_trained=True` switches the learned predictors on.
+
     `config_overrides` set the sparse fields (e.g. `vision_keep_rate=0.25`, `predictor_d_model=256`). `processor`:
     "llava-1.5" (default) writes a processor with LLaVA-1.5's preprocessing (pad to square) and the vicuna_v1 chat
     template, built from the source tokenizer; "source" copies the source's processor files unchanged.
@@ -122,7 +126,7 @@ def convert_llava_hf_checkpoint(
         raise ValueError(f"processor must be 'llava-1.5' or 'source', got {processor!r}")
     dtype = torch_dtype(dtype)
     check_destination(src, dst, force)
-    config = llava_hf_config_to_config(src, **config_overrides)
+    config = llava_hf_config_to_config(src, **{"predictors_trained": False, **config_overrides})
     with reading_bar([src], allow_pickle, progress) as bar:
         state_dict = llava_hf_state_dict_to_state_dict(read_weights(src, allow_pickle, bar))
     fresh = tuple(module for module, flag in PREDICTORS.items() if getattr(config, flag))

@@ -7,7 +7,7 @@ import re
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
-from ..configuration_dynamic_llava import DynamicLlavaConfig
+from ..configuration_dynamic_llava import FIELD_CHECKS, DynamicLlavaConfig, as_bool
 from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from ..processing import (
     add_llava_special_tokens,
@@ -102,6 +102,48 @@ def vision_tower_folder(src: str, original_config: dict, vision_tower: str | Non
         ) from error
 
 
+# Keys of the official config.json without a sensible default.
+REQUIRED_ORIGINAL_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
+
+def read_original_config(src: str) -> dict:
+    """The official checkpoint's config.json, checked for the keys the conversion cannot guess."""
+    path = os.path.join(src, "config.json")
+    original = read_json(path)
+    if "sparse_config" not in original:
+        raise CheckpointError(f"{path} is not a Dynamic-LLaVA checkpoint config: it has no sparse_config")
+    missing = [key for key in REQUIRED_ORIGINAL_KEYS if key not in original]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: the conversion needs them to size the model")
+    return original
+
+
+def original_sparse_fields(sparse: dict) -> dict:
+    """The `DynamicLlavaConfig` fields of an official `sparse_config`, each checked under its official name (a JSON
+    string "false" is an error, not a truthy value)."""
+    fields = {}
+    for key, field in SPARSE_CONFIG_FIELDS.items():
+        if key in sparse:
+            fields[field] = FIELD_CHECKS[field](f"sparse_config.{key}", sparse[key])
+    flags = {
+        key: as_bool(f"sparse_config.{key}", sparse.get(key, default))
+        for key, default in (
+            ("use_text_predictor", True),
+            ("use_output_text_predictor", True),
+            ("use_instruct_predictor", False),
+        )
+    }
+    fields["use_output_text_predictor"] = flags["use_text_predictor"] and flags["use_output_text_predictor"]
+    fields["use_instruct_predictor"] = flags["use_text_predictor"] and flags["use_instruct_predictor"]
+    return fields
+
+
 def original_config_to_config(
     original: dict,
     vision: dict,
@@ -126,6 +168,8 @@ def original_config_to_config(
         raise ValueError("This is not a Dynamic-LLaVA checkpoint config: it has no sparse_config")
     sparse = original["sparse_config"]
 
+    if "vocab_size" not in original:
+        raise CheckpointError("The checkpoint config has no vocab_size: the conversion needs it to size the model")
     original_vocab_size = original["vocab_size"]
     if image_token_id is None:
         image_token_id = original_vocab_size
@@ -156,10 +200,7 @@ def original_config_to_config(
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
     strategy = VISION_SELECT_STRATEGIES[select_feature]
 
-    fields = {field: sparse[key] for key, field in SPARSE_CONFIG_FIELDS.items() if key in sparse}
-    use_text = sparse.get("use_text_predictor", True)
-    fields["use_output_text_predictor"] = bool(use_text and sparse.get("use_output_text_predictor", True))
-    fields["use_instruct_predictor"] = bool(use_text and sparse.get("use_instruct_predictor", False))
+    fields = original_sparse_fields(sparse)
     fields.update(overrides)
     return DynamicLlavaConfig(
         text_config=text_config,
@@ -215,7 +256,7 @@ def load_original_checkpoint(
     predictor from weights a checkpoint carries while its config has it off.
     """
     dtype = torch_dtype(dtype)
-    original = read_json(os.path.join(src, "config.json"))
+    original = read_original_config(src)
     vision_folder = resolve_vision_tower(src, original, vision_tower)
     if not os.path.isdir(vision_folder):
         raise FileNotFoundError(
@@ -263,7 +304,7 @@ def convert_original_checkpoint(
     """
     dtype = torch_dtype(dtype)
     check_destination(src, dst, force)
-    original = read_json(os.path.join(src, "config.json"))
+    original = read_original_config(src)
     vision_folder = vision_tower_folder(src, original, vision_tower)
     vision = read_json(os.path.join(vision_folder, "config.json"))
 

@@ -1,6 +1,7 @@
 """The shared writer: build the model from converted tensors, write it with processor and model card into a staged
 folder, verify every tensor, move it into place."""
 
+import logging
 import os
 import shlex
 import shutil
@@ -12,6 +13,7 @@ from importlib import resources
 import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
+from safetensors import SafetensorError
 from transformers import GenerationConfig
 
 from ..configuration_dynamic_llava import DynamicLlavaConfig
@@ -20,6 +22,8 @@ from ..processing import (
     LlavaSpecialTokens,
 )
 from .reading import CheckpointError, iter_weights, reading_bar
+
+logger = logging.getLogger(__name__)
 
 # The predictor sub-modules and the config flags that switch them on.
 PREDICTORS = {
@@ -118,36 +122,101 @@ def check_destination(src: str, dst: str, force: bool) -> None:
     source, target = os.path.realpath(src), os.path.realpath(dst)
     if source == target or target.startswith(source + os.sep) or source.startswith(target + os.sep):
         raise ValueError(f"The destination {dst} must be outside the source {src} (and not contain it)")
+    report_leftovers(dst, force)
     if os.path.lexists(dst) and not force:
         raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+
+
+# What interrupted conversions leave beside DST (a full copy of the weights each), and what each one is.
+LEFTOVER_KINDS = {
+    "converting": "the unfinished output of an interrupted conversion",
+    "replaced": "the previous destination, moved aside by an interrupted --force run",
+}
+
+
+def leftover_folders(dst: str) -> list[tuple[str, str]]:
+    """`(path, kind)` of the `.DST.converting-*` / `.DST.replaced-*` folders beside `dst`."""
+    parent, name = os.path.split(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        return []
+    found = []
+    for entry in sorted(os.listdir(parent)):
+        for kind in LEFTOVER_KINDS:
+            if entry.startswith(f".{name}.{kind}-") and os.path.isdir(os.path.join(parent, entry)):
+                found.append((os.path.join(parent, entry), kind))
+    return found
+
+
+def folder_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, file)) for root, _, files in os.walk(path) for file in files)
+
+
+def report_leftovers(dst: str, force: bool) -> None:
+    """Logs each folder an interrupted conversion to `dst` left behind (at the start of a conversion). With `force`
+    they are removed once the new `dst` is in place (see `staged_folder`), so a failing run never deletes the only
+    copy of a previous destination."""
+    for path, kind in leftover_folders(dst):
+        action = "removed once this conversion succeeds (--force)" if force else "remove it, or pass --force"
+        logger.warning(f"{path} ({folder_size(path) / 2**20:,.1f} MiB) is {LEFTOVER_KINDS[kind]}: {action}")
+        previous = os.path.join(path, os.path.basename(os.path.abspath(dst)))
+        if kind == "replaced" and not os.path.lexists(dst) and os.path.isdir(previous):
+            logger.warning(f"{dst} is missing: its previous version is {previous}; move it back to restore it")
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @contextmanager
 def staged_folder(dst: str, force: bool):
     """Yields a temporary folder next to `dst` that becomes `dst` when the block succeeds (an existing `dst` is
-    replaced only then, and only with `force`); on any error the temporary folder is removed and `dst` untouched."""
+    replaced only then, and only with `force`); on any error the temporary folder is removed and `dst` untouched.
+
+    With `force`, leftovers of interrupted conversions to `dst` (see `report_leftovers`) are removed after the move."""
     dst = os.path.abspath(dst)
     parent, name = os.path.split(dst)
     os.makedirs(parent, exist_ok=True)
+    leftovers = [path for path, _ in leftover_folders(dst)]  # listed before this run adds its own
     staging = tempfile.mkdtemp(prefix=f".{name}.converting-", dir=parent)
+    # mkdtemp creates drwx------; the output is an ordinary folder, with the permissions mkdir would give it.
+    os.chmod(staging, 0o777 & ~current_umask())
     try:
         yield staging
         if os.path.lexists(dst):
             if not force:
                 raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
-            retired = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
-            os.rename(dst, os.path.join(retired, name))
-            try:
-                os.rename(staging, dst)
-            except BaseException:
-                os.rename(os.path.join(retired, name), dst)
-                raise
-            shutil.rmtree(retired)
+            replace_destination(staging, dst)
         else:
             os.rename(staging, dst)
+        if force:
+            for path in leftovers:
+                shutil.rmtree(path, ignore_errors=True)
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
+
+
+def replace_destination(staging: str, dst: str) -> None:
+    """Moves `staging` to `dst` (which exists). The old `dst` stays whole until the new one is in place: it is moved
+    aside into a `.DST.replaced-*` folder first and deleted only after the swap; if the swap fails it is moved back,
+    and if even that fails the error says where it is."""
+    parent, name = os.path.split(dst)
+    retired = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+    previous = os.path.join(retired, name)
+    os.rename(dst, previous)
+    try:
+        os.rename(staging, dst)
+    except BaseException:
+        try:
+            os.rename(previous, dst)
+        except OSError as error:
+            raise OSError(
+                f"Replacing {dst} failed and its previous version could not be moved back: it is {previous}"
+            ) from error
+        raise
+    shutil.rmtree(retired)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -192,6 +261,7 @@ def model_card(
         source_description=source_description,
         conversion_command=command,
         untrained_predictors=untrained_predictors,
+        predictors_trained=config.predictors_trained,
         processor_written=processor_written,
         sparse_settings=[
             ("sparse_layer", config.sparse_layer, "decoder layer at whose input tokens are pruned"),
@@ -203,6 +273,11 @@ def model_card(
                 "drop generated tokens' KV in layers >= sparse_layer",
             ),
             ("use_instruct_predictor", config.use_instruct_predictor, "prune the prompt text after the image"),
+            (
+                "predictors_trained",
+                config.predictors_trained,
+                "the learned predictors run without sparsity= (false: only when asked for)",
+            ),
         ],
         image_size=config.vision_config.image_size,
         image_tokens=tokens,
@@ -227,21 +302,33 @@ def cli_command(kind: str, src: str, dst: str, options: dict) -> str:
 def write_output(model, dst: str, force: bool, processor, card: ModelCard, progress: bool) -> int:
     """Writes model, processor (an object with `save_pretrained`, or files to copy) and model card; verifies."""
     with staged_folder(dst, force) as staging:
-        bars_enabled = transformers.utils.logging.is_progress_bar_enabled()
-        if not progress:  # transformers' own "Writing model shards" bar
-            transformers.utils.logging.disable_progress_bar()
         try:
-            model.save_pretrained(staging, max_shard_size="5GB")
-        finally:
-            if bars_enabled:
-                transformers.utils.logging.enable_progress_bar()
-        if isinstance(processor, list):
-            for path in processor:
-                shutil.copy2(path, staging)
-        elif processor is not None:
-            processor.save_pretrained(staging)
-        card.save(os.path.join(staging, "README.md"))
+            write_files(model, staging, processor, card, progress)
+        except (OSError, SafetensorError) as error:
+            # Disk full, file too large, ...: one line saying what happened and that nothing changed.
+            reason = " ".join(str(error).split())
+            raise OSError(
+                f"Writing the converted folder failed ({reason}); the partial output was removed and "
+                f"{os.path.abspath(dst)} is unchanged"
+            ) from error
         return verify_saved_weights(model, staging, progress)
+
+
+def write_files(model, folder: str, processor, card: ModelCard, progress: bool) -> None:
+    bars_enabled = transformers.utils.logging.is_progress_bar_enabled()
+    if not progress:  # transformers' own "Writing model shards" bar
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, max_shard_size="5GB")
+    finally:
+        if bars_enabled:
+            transformers.utils.logging.enable_progress_bar()
+    if isinstance(processor, list):
+        for path in processor:
+            shutil.copy2(path, folder)
+    elif processor is not None:
+        processor.save_pretrained(folder)
+    card.save(os.path.join(folder, "README.md"))
 
 
 def generation_config_for(src: str, config: DynamicLlavaConfig, suppress_tokens: list[int], pad_token_id=None):

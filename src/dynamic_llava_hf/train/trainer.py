@@ -25,6 +25,16 @@ def dynamic_llava_models(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def mark_predictors_trained(model: nn.Module) -> None:
+    """Sets `config.predictors_trained` on every Dynamic-LLaVA backbone in `model` that trains a predictor."""
+    for backbone in dynamic_llava_models(model):
+        trains_predictor = any(
+            parameter.requires_grad for name, parameter in backbone.named_parameters() if "predictor" in name
+        )
+        if trains_predictor:
+            backbone.config.predictors_trained = True
+
+
 def set_gumbel_tau(model: nn.Module, tau: float) -> None:
     backbones = dynamic_llava_models(model)
     if not backbones:
@@ -122,6 +132,12 @@ class DynamicLlavaTrainer(Trainer):
         self._sparsity_sums: dict[str, float] = {}
         self._sparsity_counts: dict[str, int] = {}
         self._step_learning_rates: list[float] | None = None
+
+    def train(self, *args, **kwargs):
+        # Training is what makes the predictors worth using: from now on (and in every checkpoint saved) calls without
+        # `sparsity=` use them, also on a fresh `convert llava-hf` model whose config says predictors_trained=False.
+        mark_predictors_trained(self.model)
+        return super().train(*args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
