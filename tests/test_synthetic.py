@@ -51,28 +51,27 @@ def test_answers_agree_with_the_scene():
         assert len({obj.cell for obj in objects}) == len(objects)
         assert len({(obj.color, obj.shape) for obj in objects}) == len(objects)
         kind = sample["kind"]
-        # Short answers restate what was asked right before the answer word ("The circle is red."): see ask_color.
         if kind == "color":
             (obj,) = [obj for obj in objects if f"the {obj.shape}?" in question]
-            assert answer == f"The {obj.shape} is {obj.color}." and obj.color in COLORS
+            assert answer == obj.color and answer in COLORS
         elif kind == "shape":
             (obj,) = [obj for obj in objects if f"the {obj.color} object" in question]
-            assert answer == f"It is a {obj.color} {obj.shape}." and obj.shape in SHAPES
+            assert answer == obj.shape and answer in SHAPES
         elif kind == "count":
             if "objects" in question:
-                assert answer == f"Objects: {len(objects)}."
+                assert answer == str(len(objects))
             else:
                 (shape,) = [shape for shape in SHAPES if f" {plural(shape)} " in question]
-                assert answer == f"{plural(shape).capitalize()}: {sum(obj.shape == shape for obj in objects)}."
+                assert answer == str(sum(obj.shape == shape for obj in objects))
         elif kind == "position":
             (obj,) = [obj for obj in objects if f"the {obj.name}?" in question]
-            assert answer == f"The {obj.name} is at the {obj.position}." and obj.position in POSITIONS.values()
+            assert answer == obj.position and answer in POSITIONS.values()
         elif kind == "exists":
             present = any(f" {obj.name}?" in question for obj in objects)
-            assert answer.endswith(": yes." if present else ": no.")
+            assert answer == ("yes" if present else "no")
         elif kind == "size":
             (obj,) = [obj for obj in objects if f"the {obj.name} " in question]
-            assert answer == f"The {obj.name} is {obj.size}." and obj.size in SIZES
+            assert answer == obj.size and answer in SIZES
         else:
             assert answer == describe(objects)
             assert all(f"a {obj.size} {obj.name} at the {obj.position}" in answer for obj in objects)

@@ -141,10 +141,6 @@ def render_scene(scene: list[SceneObject], rng: random.Random) -> Image.Image:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Questions: each returns (question, answer), or None when the scene does not allow the question
-#
-# A short answer is a sentence that names what was asked about right before the answer word ("The circle is red.",
-# "It is a red circle."): the model then looks the object up from the words it has just written, a one-step lookup
-# that a small model learns many times faster than carrying the question over to the first answer token.
 
 
 def plural(shape: str) -> str:
@@ -157,7 +153,7 @@ def ask_color(scene, rng):
     if not unique:
         return None
     obj = rng.choice(unique)
-    return f"What color is the {obj.shape}?", f"The {obj.shape} is {obj.color}."
+    return f"What color is the {obj.shape}?", obj.color
 
 
 def ask_shape(scene, rng):
@@ -166,19 +162,19 @@ def ask_shape(scene, rng):
     if not unique:
         return None
     obj = rng.choice(unique)
-    return f"What shape is the {obj.color} object?", f"It is a {obj.color} {obj.shape}."
+    return f"What shape is the {obj.color} object?", obj.shape
 
 
 def ask_count(scene, rng):
     if rng.random() < 0.4:
-        return "How many objects are there?", f"Objects: {len(scene)}."
+        return "How many objects are there?", str(len(scene))
     shape = rng.choice(SHAPES)
-    return f"How many {plural(shape)} are there?", f"{plural(shape).capitalize()}: {sum(obj.shape == shape for obj in scene)}."
+    return f"How many {plural(shape)} are there?", str(sum(obj.shape == shape for obj in scene))
 
 
 def ask_position(scene, rng):
     obj = rng.choice(scene)
-    return f"Where is the {obj.name}?", f"The {obj.name} is at the {obj.position}."
+    return f"Where is the {obj.name}?", obj.position
 
 
 def article(word: str) -> str:
@@ -192,12 +188,12 @@ def ask_exists(scene, rng):
         present = {(obj.color, obj.shape) for obj in scene}
         absent = [(color, shape) for color in COLORS for shape in SHAPES if (color, shape) not in present]
         color, shape, answer = *rng.choice(absent), "no"
-    return f"Is there {article(color)} {color} {shape}?", f"{article(color).capitalize()} {color} {shape}: {answer}."
+    return f"Is there {article(color)} {color} {shape}?", answer
 
 
 def ask_size(scene, rng):
     obj = rng.choice(scene)
-    return f"Is the {obj.name} small or large?", f"The {obj.name} is {obj.size}."
+    return f"Is the {obj.name} small or large?", obj.size
 
 
 def describe(scene: list[SceneObject]) -> str:
