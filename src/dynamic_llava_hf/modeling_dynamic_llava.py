@@ -6,25 +6,18 @@ selector) and gate which generated tokens enter the KV cache of the later layers
 nothing is removed: the predictors sample hard Gumbel-softmax keep masks with straight-through gradients, applied as
 key masks in the layers `>= sparse_layer`.
 
-The remote-code bundle, flat beside this file: `predictors_dynamic_llava.py` (the three predictors),
-`sparsity_dynamic_llava.py` (per-call settings, the step state, attention masks), `inference_dynamic_llava.py` and
-`training_dynamic_llava.py` (what is kept at `sparse_layer`), `cache_dynamic_llava.py` (the ragged KV cache),
-`compat_dynamic_llava.py` (what differs between the supported transformers releases) and
-`configuration_dynamic_llava.py`. Everything else is transformers' Llava.
+The remote-code bundle, flat beside this file: `predictors_` (the three predictors), `sparsity_` (per-call settings,
+the step state, attention masks), `inference_` and `training_` (what is kept at `sparse_layer`), `cache_` (the ragged
+KV cache), `compat_` (what differs between transformers releases), `outputs_`, `generation_` (the `generate()` hooks)
+and `configuration_dynamic_llava.py`. Everything else is transformers' Llava.
 """
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
-from transformers.cache_utils import DynamicCache
-from transformers.generation import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava.modeling_llava import (
-    LlavaCausalLMOutputWithPast,
-    LlavaModelOutputWithPast,
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
@@ -33,7 +26,9 @@ from transformers.utils import logging
 from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache, KeyLayout, cache_for_forward
 from .compat_dynamic_llava import CACHE_NAME, cache_and_image_fields, cache_argument
 from .configuration_dynamic_llava import DynamicLlavaConfig
+from .generation_dynamic_llava import DynamicLlavaGenerationMixin
 from .inference_dynamic_llava import InferenceDecisionsMixin
+from .outputs_dynamic_llava import DynamicLlavaCausalLMOutputWithPast, DynamicLlavaModelOutputWithPast
 from .predictors_dynamic_llava import DynamicLlavaImagePredictor, DynamicLlavaTextPredictor
 from .sparsity_dynamic_llava import (
     DecoderStep,
@@ -54,69 +49,6 @@ logger = logging.get_logger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Outputs
-
-
-@dataclass
-class DynamicLlavaModelOutputWithPast(LlavaModelOutputWithPast):
-    r"""
-    Same as [`~transformers.models.llava.modeling_llava.LlavaModelOutputWithPast`] (the cache is `cache` from
-    transformers 5.24 on, `past_key_values` before), plus:
-
-    image_hidden_states (`torch.Tensor`, *optional*):
-        Projected image features, `[num_images, tokens_per_image, hidden_size]` (a plain field on every supported
-        transformers release; 5.24 also fills `image_outputs`).
-    kept_image_token_indices (`list[torch.LongTensor]`, *optional*):
-        Per row, the indices (into that row's image tokens, ascending) of the image tokens kept at `sparse_layer`.
-        `None` when no image pruning ran in this call.
-    output_keep_decisions (`torch.BoolTensor`, *optional*):
-        `[batch, new_tokens]`, whether each token's K/V was kept in layers `>= sparse_layer` by the output-text
-        predictor. `None` when the predictor did not run in this call.
-    training_keep_masks (`TrainingKeepMasks`, *optional*):
-        The hard straight-through keep masks sampled in a training forward (`model.train()`).
-    """
-
-    image_hidden_states: torch.Tensor | None = None
-    kept_image_token_indices: list[torch.LongTensor] | None = None
-    output_keep_decisions: torch.BoolTensor | None = None
-    training_keep_masks: "TrainingKeepMasks | None" = None
-
-
-@dataclass
-class DynamicLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
-    r"""
-    Same as [`~transformers.models.llava.modeling_llava.LlavaCausalLMOutputWithPast`]. `logits` stay aligned with the
-    input positions; positions removed at `sparse_layer` get zero logits.
-
-    image_hidden_states (`torch.Tensor`, *optional*):
-        See [`DynamicLlavaModelOutputWithPast`].
-    kept_image_token_indices (`list[torch.LongTensor]`, *optional*):
-        See [`DynamicLlavaModelOutputWithPast`].
-    output_keep_decisions (`torch.BoolTensor`, *optional*):
-        See [`DynamicLlavaModelOutputWithPast`].
-    lm_loss (`torch.FloatTensor`, *optional*):
-        In training with `labels`: the language-modeling cross-entropy alone. `loss` adds `mask_loss_weight` times
-        the keep-rate losses below.
-    image_mask_loss, output_text_mask_loss, instruct_mask_loss (`torch.FloatTensor`, *optional*):
-        Keep-rate losses of a training forward: per mask, the squared gap between the target keep rate and the
-        realised keep ratio, averaged over images (image) or rows (text). `None` when that predictor did not run.
-    image_keep_ratio, output_text_keep_ratio, instruct_keep_ratio (`torch.FloatTensor`, *optional*):
-        Realised keep ratios of a training forward, for logging (text: over the rows long enough to be sparsified).
-    """
-
-    image_hidden_states: torch.Tensor | None = None
-    kept_image_token_indices: list[torch.LongTensor] | None = None
-    output_keep_decisions: torch.BoolTensor | None = None
-    lm_loss: torch.FloatTensor | None = None
-    image_mask_loss: torch.FloatTensor | None = None
-    output_text_mask_loss: torch.FloatTensor | None = None
-    instruct_mask_loss: torch.FloatTensor | None = None
-    image_keep_ratio: torch.FloatTensor | None = None
-    output_text_keep_ratio: torch.FloatTensor | None = None
-    instruct_keep_ratio: torch.FloatTensor | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -128,16 +60,8 @@ REMOTE_CODE_AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
 }
 # That remote code: this file and every file it imports (flat: transformers copies them next to the weights).
-REMOTE_CODE_FILES = (
-    "configuration_dynamic_llava.py",
-    "modeling_dynamic_llava.py",
-    "cache_dynamic_llava.py",
-    "predictors_dynamic_llava.py",
-    "sparsity_dynamic_llava.py",
-    "inference_dynamic_llava.py",
-    "training_dynamic_llava.py",
-    "compat_dynamic_llava.py",
-)
+_BUNDLE = "configuration modeling cache predictors sparsity inference training compat outputs generation"
+REMOTE_CODE_FILES = tuple(f"{name}_dynamic_llava.py" for name in _BUNDLE.split())
 
 
 class DynamicLlavaPreTrainedModel(LlavaPreTrainedModel):
@@ -473,6 +397,19 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
     # -----------------------------------------------------------------------------------------------------------------
     # Forward
 
+    def step_output(self, step, hidden_states, image_outputs, cache, plan, training_keep_masks):
+        """The forward's output: Llava's fields, plus what was kept at `sparse_layer` (or the training masks)."""
+        return DynamicLlavaModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(step.all_hidden_states) if step.all_hidden_states is not None else None,
+            attentions=tuple(step.all_attentions) if step.all_attentions is not None else None,
+            image_hidden_states=torch.stack(list(image_outputs.pooler_output)) if image_outputs is not None else None,
+            **cache_and_image_fields(cache, image_outputs),
+            kept_image_token_indices=plan.kept_image_token_indices,
+            output_keep_decisions=plan.output_keep_decisions,
+            training_keep_masks=training_keep_masks,
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -521,8 +458,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         cache, use_cache = self.resolve_cache(cache_argument(cache, past_key_values), use_cache)
-        training = self.training and settings.enabled
-        if training:
+        if training := self.training and settings.enabled:
             self.check_training_call(settings, cache is not None, inputs_embeds)
 
         step = self.start_step(inputs_embeds, attention_mask, position_ids, cache, num_generated_tokens, prefill)
@@ -550,20 +486,15 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         self.run_layers(above, SPARSE_GROUP, step, cache, key_keep, use_cache=use_cache, **kwargs)
         hidden_states = self.finish_step(step, cache)
 
-        output = DynamicLlavaModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(step.all_hidden_states) if step.all_hidden_states is not None else None,
-            attentions=tuple(step.all_attentions) if step.all_attentions is not None else None,
-            image_hidden_states=torch.stack(list(image_outputs.pooler_output)) if image_outputs is not None else None,
-            **cache_and_image_fields(cache if use_cache else None, image_outputs),
-            kept_image_token_indices=plan.kept_image_token_indices,
-            output_keep_decisions=plan.output_keep_decisions,
-            training_keep_masks=training_keep_masks,
+        output = self.step_output(
+            step, hidden_states, image_outputs, cache if use_cache else None, plan, training_keep_masks
         )
         return output if return_dict is not False else output.to_tuple()
 
 
-class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaForConditionalGeneration):
+class DynamicLlavaForConditionalGeneration(
+    DynamicLlavaGenerationMixin, DynamicLlavaPreTrainedModel, LlavaForConditionalGeneration
+):
     """Dynamic-LLaVA with a language-modeling head; use it like `LlavaForConditionalGeneration`."""
 
     _keep_in_fp32_modules = ("model.vision_tower", "model.multi_modal_projector")  # plus the predictors built
@@ -603,7 +534,8 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
     ) -> DynamicLlavaCausalLMOutputWithPast | tuple:
         r"""
         Same as [`~transformers.LlavaForConditionalGeneration.forward`], plus `sparsity`, `num_generated_tokens`,
-        `prefill` and `tokens_per_image` (see [`DynamicLlavaModel.forward`]). The cache may be passed as `cache` or `past_key_values`.
+        `prefill` and `tokens_per_image` (see [`DynamicLlavaModel.forward`]). The cache may be passed as `cache` or
+        `past_key_values`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -648,115 +580,6 @@ class DynamicLlavaForConditionalGeneration(DynamicLlavaPreTrainedModel, LlavaFor
             settings = resolve_sparsity(self.model, sparsity)
             add_keep_rate_losses(output, outputs.training_keep_masks, self.config, settings)
         return output if return_dict is not False else output.to_tuple()
-
-    # -----------------------------------------------------------------------------------------------------------------
-    # generate() integration
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
-        if generation_mode == GenerationMode.ASSISTED_GENERATION:
-            self.check_assisted_decoding(resolve_sparsity(self.model, model_kwargs.get("sparsity")))
-        if generation_config.cache_implementation not in (None, "dynamic"):
-            raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported by Dynamic-LLaVA, "
-                "which needs its own DynamicLlavaCache (a different set of tokens per layer and row); leave "
-                "cache_implementation unset."
-            )
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
-        cache = model_kwargs.get(CACHE_NAME)
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs[CACHE_NAME] = DynamicLlavaCache(self.config)
-
-    @staticmethod
-    def check_assisted_decoding(settings: SparsitySettings) -> None:
-        """Refuses assisted/prompt-lookup decoding where it would not give plain decoding's tokens.
-
-        The cache rolls rejected candidates back exactly, but the model verifies candidates several at a time, as
-        prompt text: the output-text predictor gates only tokens fed one at a time, the instruct predictor prunes
-        text that follows a cached prefix, and the FastV selector ranks images by the text after them (candidates
-        included). Without those, each token sees what plain decoding shows it.
-        """
-        blockers = []
-        if settings.use_output_text_predictor:
-            blockers.append("use_output_text_predictor")
-        if settings.use_instruct_predictor:
-            blockers.append("use_instruct_predictor")
-        if settings.use_vision_predictor and settings.vision_selector == "fastv":
-            blockers.append("vision_selector='fastv'")
-        if blockers:
-            raise ValueError(
-                "Assisted/speculative and prompt-lookup decoding verify several candidate tokens in one forward, "
-                f"which Dynamic-LLaVA cannot treat as plain decoding does with {', '.join(blockers)}. They work with "
-                "sparsification off or image pruning only, e.g. sparsity={'use_output_text_predictor': False, "
-                "'use_instruct_predictor': False} (image selector 'learned' or 'random')."
-            )
-
-    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
-        added = {"prefill": True}  # all of it is prompt, even a 1-token chunk: no output-text gating
-        if generation_config.prefill_chunk_size is not None:
-            self.check_prefill_chunks(input_ids, model_kwargs, generation_config.prefill_chunk_size)
-            encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
-            if encoded is not None:  # chunks get their images' features in one block: say how to regroup them
-                added["tokens_per_image"] = len(encoded.pooler_output[0])
-        model_kwargs.update(added)
-        try:
-            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
-        finally:
-            for key in added:
-                model_kwargs.pop(key, None)
-
-    def check_prefill_chunks(self, input_ids: torch.LongTensor, model_kwargs: dict, chunk_size: int) -> None:
-        """Refuses, before anything runs, a chunked prefill whose result would differ from the whole prompt's.
-
-        Chunks are exact when each image lies inside one chunk: the image predictor ranks an image's tokens together
-        at `sparse_layer`. The instruct predictor (text after the last image) and the random and FastV selectors (one
-        random draw per call; the text after the image ranks it) judge the whole prompt at once, so with them the
-        prompt must be one chunk.
-        """
-        cache = model_kwargs.get(CACHE_NAME)
-        past = cache.get_seq_length() if cache is not None else 0
-        mask = model_kwargs.get("attention_mask")
-        prompt = input_ids[:, past:] if mask is not None and mask.shape[1] == input_ids.shape[1] else input_ids
-        if prompt.shape[1] <= chunk_size:
-            return
-        settings = resolve_sparsity(self.model, model_kwargs.get("sparsity"))
-        image_mask = prompt == self.config.image_token_id
-        whole_prompt = f"pass prefill_chunk_size >= {prompt.shape[1]} (the prompt's length) or no prefill_chunk_size"
-        if settings.use_instruct_predictor:
-            raise ValueError(
-                "Chunked prefill is not supported with the instruct predictor, which prunes the prompt text after the "
-                f"images as a whole: {whole_prompt}, or switch it off with sparsity={{'use_instruct_predictor': False}}."
-            )
-        if not (settings.use_vision_predictor and bool(image_mask.any())):
-            return
-        if settings.vision_selector != "learned":
-            raise ValueError(
-                f"Chunked prefill is not supported with vision_selector={settings.vision_selector!r}, which ranks each "
-                f"image against the whole prompt: {whole_prompt}."
-            )
-        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
-        tokens_per_image = len(encoded.pooler_output[0]) if encoded is not None else self.config.image_seq_length
-        for row, positions in enumerate(image_mask.nonzero()[:, 1].split(image_mask.sum(-1).tolist())):
-            if len(positions) % tokens_per_image:
-                continue  # the forward reports the wrong image-token count with its own error
-            for image, (first, last) in enumerate(positions.view(-1, tokens_per_image)[:, [0, -1]].tolist()):
-                if first // chunk_size != last // chunk_size:
-                    last_image_end = int(image_mask.nonzero()[:, 1].max()) + 1
-                    raise ValueError(
-                        f"prefill_chunk_size={chunk_size} splits image {image} of row {row} (prompt positions {first} "
-                        f"to {last}) across two chunks. Dynamic-LLaVA prunes each image's tokens together at "
-                        "sparse_layer, so every image must lie inside one chunk: pick a chunk size whose boundaries "
-                        f"(multiples of it) fall outside every image, e.g. prefill_chunk_size >= {last_image_end} (all "
-                        "images in the first chunk), or switch image pruning off with "
-                        "sparsity={'use_vision_predictor': False}."
-                    )
-
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
-        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        if model_kwargs.get(CACHE_NAME) is None:
-            # Without a cache every step re-reads prompt + outputs; the model needs to know which tokens are outputs.
-            num_new_tokens = kwargs.get("num_new_tokens", args[1] if len(args) > 1 else 1)
-            model_kwargs["num_generated_tokens"] = model_kwargs.get("num_generated_tokens", 0) + num_new_tokens
-        return model_kwargs
 
 
 DynamicLlavaConfig.register_for_auto_class()

@@ -1,0 +1,119 @@
+"""How Dynamic-LLaVA plugs into `generate()`: its own cache, prefill marked as prompt, what it refuses up front."""
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.generation import GenerationMode
+
+from .cache_dynamic_llava import DynamicLlavaCache
+from .compat_dynamic_llava import CACHE_NAME
+from .sparsity_dynamic_llava import SparsitySettings, resolve_sparsity
+
+
+class DynamicLlavaGenerationMixin:
+    """`generate()` hooks of `DynamicLlavaForConditionalGeneration` (placed before transformers' GenerationMixin)."""
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            self.check_assisted_decoding(resolve_sparsity(self.model, model_kwargs.get("sparsity")))
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by Dynamic-LLaVA, "
+                "which needs its own DynamicLlavaCache (a different set of tokens per layer and row); leave "
+                "cache_implementation unset."
+            )
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
+        cache = model_kwargs.get(CACHE_NAME)
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs[CACHE_NAME] = DynamicLlavaCache(self.config)
+
+    @staticmethod
+    def check_assisted_decoding(settings: SparsitySettings) -> None:
+        """Refuses assisted/prompt-lookup decoding where it would not give plain decoding's tokens.
+
+        The cache rolls rejected candidates back exactly, but the model verifies candidates several at a time, as
+        prompt text: the output-text predictor gates only tokens fed one at a time, the instruct predictor prunes
+        text that follows a cached prefix, and the FastV selector ranks images by the text after them (candidates
+        included). Without those, each token sees what plain decoding shows it.
+        """
+        blockers = []
+        if settings.use_output_text_predictor:
+            blockers.append("use_output_text_predictor")
+        if settings.use_instruct_predictor:
+            blockers.append("use_instruct_predictor")
+        if settings.use_vision_predictor and settings.vision_selector == "fastv":
+            blockers.append("vision_selector='fastv'")
+        if blockers:
+            raise ValueError(
+                "Assisted/speculative and prompt-lookup decoding verify several candidate tokens in one forward, "
+                f"which Dynamic-LLaVA cannot treat as plain decoding does with {', '.join(blockers)}. They work with "
+                "sparsification off or image pruning only, e.g. sparsity={'use_output_text_predictor': False, "
+                "'use_instruct_predictor': False} (image selector 'learned' or 'random')."
+            )
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        added = {"prefill": True}  # all of it is prompt, even a 1-token chunk: no output-text gating
+        if generation_config.prefill_chunk_size is not None:
+            self.check_prefill_chunks(input_ids, model_kwargs, generation_config.prefill_chunk_size)
+            encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+            if encoded is not None:  # chunks get their images' features in one block: say how to regroup them
+                added["tokens_per_image"] = len(encoded.pooler_output[0])
+        model_kwargs.update(added)
+        try:
+            return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            for key in added:
+                model_kwargs.pop(key, None)
+
+    def check_prefill_chunks(self, input_ids: torch.LongTensor, model_kwargs: dict, chunk_size: int) -> None:
+        """Refuses, before anything runs, a chunked prefill whose result would differ from the whole prompt's.
+
+        Chunks are exact when each image lies inside one chunk: the image predictor ranks an image's tokens together
+        at `sparse_layer`. The instruct predictor (text after the last image) and the random and FastV selectors (one
+        random draw per call; the text after the image ranks it) judge the whole prompt at once, so with them the
+        prompt must be one chunk.
+        """
+        cache = model_kwargs.get(CACHE_NAME)
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = model_kwargs.get("attention_mask")
+        prompt = input_ids[:, past:] if mask is not None and mask.shape[1] == input_ids.shape[1] else input_ids
+        if prompt.shape[1] <= chunk_size:
+            return
+        settings = resolve_sparsity(self.model, model_kwargs.get("sparsity"))
+        image_mask = prompt == self.config.image_token_id
+        whole_prompt = f"pass prefill_chunk_size >= {prompt.shape[1]} (the prompt's length) or no prefill_chunk_size"
+        if settings.use_instruct_predictor:
+            raise ValueError(
+                "Chunked prefill is not supported with the instruct predictor, which prunes the prompt text after the "
+                f"images as a whole: {whole_prompt}, or switch it off with sparsity={{'use_instruct_predictor': False}}."
+            )
+        if not (settings.use_vision_predictor and bool(image_mask.any())):
+            return
+        if settings.vision_selector != "learned":
+            raise ValueError(
+                f"Chunked prefill is not supported with vision_selector={settings.vision_selector!r}, which ranks each "
+                f"image against the whole prompt: {whole_prompt}."
+            )
+        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        tokens_per_image = len(encoded.pooler_output[0]) if encoded is not None else self.config.image_seq_length
+        for row, positions in enumerate(image_mask.nonzero()[:, 1].split(image_mask.sum(-1).tolist())):
+            if len(positions) % tokens_per_image:
+                continue  # the forward reports the wrong image-token count with its own error
+            for image, (first, last) in enumerate(positions.view(-1, tokens_per_image)[:, [0, -1]].tolist()):
+                if first // chunk_size != last // chunk_size:
+                    last_image_end = int(image_mask.nonzero()[:, 1].max()) + 1
+                    raise ValueError(
+                        f"prefill_chunk_size={chunk_size} splits image {image} of row {row} (prompt positions {first} "
+                        f"to {last}) across two chunks. Dynamic-LLaVA prunes each image's tokens together at "
+                        "sparse_layer, so every image must lie inside one chunk: pick a chunk size whose boundaries "
+                        f"(multiples of it) fall outside every image, e.g. prefill_chunk_size >= {last_image_end} (all "
+                        "images in the first chunk), or switch image pruning off with "
+                        "sparsity={'use_vision_predictor': False}."
+                    )
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if model_kwargs.get(CACHE_NAME) is None:
+            # Without a cache every step re-reads prompt + outputs; the model needs to know which tokens are outputs.
+            num_new_tokens = kwargs.get("num_new_tokens", args[1] if len(args) > 1 else 1)
+            model_kwargs["num_generated_tokens"] = model_kwargs.get("num_generated_tokens", 0) + num_new_tokens
+        return model_kwargs
