@@ -312,10 +312,10 @@ def test_a_cache_of_another_batch_size_is_named():
     one_row = build_prompts([(3, 1, 5)])
     two_rows = build_prompts([(3, 1, 5), (2, 1, 4)])
     inputs = dict(zip(("input_ids", "attention_mask", "pixel_values"), one_row))
-    cache = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True).past_key_values
+    cache = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True).get(CACHE_NAME)
     inputs = dict(zip(("input_ids", "attention_mask", "pixel_values"), two_rows))
     with pytest.raises(ValueError, match=r"holds 1 row\(s\) from an earlier call, but the input has 2"):
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=2)
+        model.generate(**inputs, **{CACHE_NAME: cache}, max_new_tokens=2)
 
 
 def test_a_cache_built_for_another_sparse_layer_is_named():
@@ -329,7 +329,7 @@ def test_a_cache_built_for_another_sparse_layer_is_named():
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values,
-            past_key_values=cache,
+            **{CACHE_NAME: cache},
             max_new_tokens=2,
         )
     # The same when the model's config changed after the cache was built.
