@@ -708,3 +708,57 @@ def test_a_write_failure_is_one_line_and_changes_nothing(reference_copy, tmp_pat
     assert error.startswith("dynamic-llava convert: error: Writing the converted folder failed")
     assert "File too large" in error and f"{dst} is unchanged" in error and "Traceback" not in completed.stderr
     assert os.listdir(dst) == ["keep.txt"] and not leftovers(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hub sources and uploads (issue #13, item 8): never the network
+
+
+def test_a_hub_repo_id_converts_from_the_offline_cache(llava_hf_sources, tmp_path):
+    """SRC as a repo id: huggingface_hub resolves it from a populated cache with HF_HUB_OFFLINE=1."""
+    _, sources = llava_hf_sources
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-llava"
+    shutil.copytree(sources["current"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    dst = tmp_path / "converted"
+    command = [sys.executable, "-m", "dynamic_llava_hf_cli", "convert", "llava-hf", "someone/tiny-llava", str(dst)]
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command + ["--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "Fetched someone/tiny-llava from the Hub" in completed.stdout
+    assert (dst / "model.safetensors").is_file() and (dst / "tokenizer_config.json").is_file()
+    # A repo id that is not in the cache: one line, no traceback.
+    missing = subprocess.run(
+        command[:-2] + ["someone/absent", str(tmp_path / "other"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_push_to_hub_uploads_the_verified_folder(llava_hf_sources, tmp_path, monkeypatch):
+    """--push-to-hub against a stand-in of the Hub API that records the calls."""
+    import huggingface_hub
+
+    _, sources = llava_hf_sources
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+        calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path))))
+        return "https://hub.example/someone/out/commit/1"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    dst = tmp_path / "converted"
+    assert main(["convert", "llava-hf", sources["current"], str(dst), "--no-progress", "--push-to-hub", "me/out"]) == 0
+    assert [call[:2] for call in calls] == [("create_repo", "me/out"), ("upload_folder", "me/out")]
+    assert calls[0][2]["exist_ok"] is True
+    assert "model.safetensors" in calls[1][2] and "config.json" in calls[1][2]

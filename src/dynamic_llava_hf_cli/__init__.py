@@ -257,7 +257,9 @@ def add_convert_command(commands, with_config_options: bool) -> None:
     )
     llava_hf.add_argument("--seed", type=non_negative_int, default=0, help="seed of the predictors' initialisation")
     for parser in (original, llava_hf):
-        parser.add_argument("src", help="source checkpoint folder")
+        parser.add_argument(
+            "src", help="source checkpoint: a folder, or a Hub repo id (configs, tokenizer and weights are fetched)"
+        )
         parser.add_argument("dst", help="output folder (must not exist unless --force)")
         parser.add_argument(
             "--dtype", help="cast the weights: a torch dtype name (bfloat16, float16, float32, ...) or auto (keep)"
@@ -270,6 +272,9 @@ def add_convert_command(commands, with_config_options: bool) -> None:
         parser.add_argument("--license", help="license for the model card (default: other)")
         parser.add_argument("--model-id", help="Hub id used in the model card's code (default: DST)")
         parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+        parser.add_argument(
+            "--push-to-hub", metavar="REPO_ID", help="after a verified conversion, upload DST to this Hub model repo"
+        )
         if with_config_options:
             add_config_options(parser)
         parser.set_defaults(run=run_convert)
@@ -320,10 +325,11 @@ def run_convert(args) -> int:
         "progress": not args.no_progress,
         **config_overrides(args),
     }
+    src = fetch_source(args.src, args.allow_pickle)
     if args.source == "original":
-        result = convert_original_checkpoint(args.src, args.dst, vision_tower=args.vision_tower, **common)
+        result = convert_original_checkpoint(src, args.dst, vision_tower=args.vision_tower, **common)
     else:
-        result = convert_llava_hf_checkpoint(args.src, args.dst, processor=args.processor, seed=args.seed, **common)
+        result = convert_llava_hf_checkpoint(src, args.dst, processor=args.processor, seed=args.seed, **common)
     print(f"Wrote {result.dst}: {result.num_tensors} tensors, verified.")
     if result.new_keys:
         if args.predictors_trained:
@@ -335,7 +341,43 @@ def run_convert(args) -> int:
             )
     if not result.processor_written:
         print("No tokenizer in the source: no processor files written (see the model card).")
+    if args.push_to_hub:
+        print(f"Uploaded to {push_to_hub(result.dst, args.push_to_hub)}")
     return 0
+
+
+# What a conversion reads from a Hub repo: configs, tokenizer and processor files, safetensors weights.
+HUB_SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def fetch_source(src: str, allow_pickle: bool) -> str:
+    """`src` itself when it is a folder; else, if it is a Hub repo id, its files (cached by huggingface_hub, so
+    `HF_HUB_OFFLINE=1` works from a populated cache); else `src` (the converter says it does not exist)."""
+    import os
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.exists(src):
+        return src
+    try:
+        validate_repo_id(src)
+    except HFValidationError:
+        return src
+    patterns = HUB_SOURCE_PATTERNS + (["*.bin"] if allow_pickle else [])
+    folder = snapshot_download(src, allow_patterns=patterns)
+    print(f"Fetched {src} from the Hub: {folder}")
+    return folder
+
+
+def push_to_hub(folder: str, repo_id: str) -> str:
+    """Uploads a converted folder to a Hub model repo (created if missing); returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload Dynamic-LLaVA conversion")
+    return str(getattr(commit, "commit_url", commit))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
