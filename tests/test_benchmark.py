@@ -37,6 +37,10 @@ BENCH_ARGS = [
     "0.6",
     "1.0",
     "--no-progress",
+    # The compiled baseline through generate's compile path, traced by dynamo but not lowered by inductor (whose C++
+    # compilation would take a minute here): the fields are under test, not the speed.
+    "--compile-backend",
+    "eager",
 ]
 
 
@@ -65,7 +69,8 @@ def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
     for row in results["prefill"]:
         assert len(row["ours_ms_samples"]) == len(row["baseline_ms_samples"]) == 2
         assert row["ratio"] == pytest.approx(row["ours_ms"] / row["baseline_ms"])
-        assert row["peak_memory_bytes"] == {"ours": None, "baseline": None}  # not measured on CPU
+        # On CPU: the resident-size high-water mark above the size before the call (Linux).
+        assert all(isinstance(peak, int) and peak >= 0 for peak in row["peak_memory_bytes"].values())
         flops = row["flops"]
         assert (flops["image_tokens"], flops["kept_image_tokens"]) == (image_tokens, kept)
         for convention in ("exact", "paper"):
@@ -89,6 +94,21 @@ def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
         assert ours["allocated_kv_bytes"] >= ours["stored_kv_bytes"]
         assert 0 < row["flops_per_token"]["ratio"] <= 1 and 0 < row["bytes_read_per_token"]["ratio"] <= 1
 
+        # transformers' Llava with a static cache, and with it plus the compiled decoding step, beside its default.
+        assert set(row["baselines"]) == {"static", "compiled"}
+        assert (
+            set(row["ms_per_token_ratio_vs"]) == set(row["peak_memory_ratio_vs"]) == {"default", "static", "compiled"}
+        )
+        assert row["ms_per_token_ratio_vs"]["default"] == row["ms_per_token_ratio"]
+        for kind, side in {"default": base, **row["baselines"]}.items():
+            assert side["ms_per_token"] > 0 and side["tokens_per_s"] > 0 and side["tokens_per_s_whole_run"] > 0
+            assert isinstance(side["peak_memory_bytes"], int) and side["peak_memory_bytes"] >= 0
+            assert row["ms_per_token_ratio_vs"][kind] == pytest.approx(ours["ms_per_token"] / side["ms_per_token"])
+        # A static cache holds room for the whole generation: at least the dense amount.
+        for kind in ("static", "compiled"):
+            assert row["baselines"][kind]["kv_bytes"] >= base["kv_bytes"]
+        assert isinstance(ours["peak_memory_bytes"], int)
+
     assert [row["new_tokens"] for row in results["no_cache_decode_flops"]] == [6]
     assert 0 < results["no_cache_decode_flops"][0]["paper"]["ratio"] < 1
     sweep = results["keep_rate_sweep"]
@@ -104,11 +124,13 @@ def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
         ("### Decoding", 2),
         ("### Analytic FLOPs", 2),
         ("### Prefill keep-rate", 3),
+        ("### Decoding against", 2 * 4),  # per point: three baselines and ours
     ):
         section = out.split(title, 1)[1].split("###", 1)[0]
         table = [line for line in section.splitlines() if line.startswith("| ")]
         assert len(table) == 1 + rows, section
     assert "No GPU figures" in out
+    assert "Llava, static cache + compile" in out
 
 
 def test_bench_refuses_to_overwrite(bench_run, capsys):

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from dynamic_llava_hf.cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache, KeyLayout
+from dynamic_llava_hf.cache_dynamic_llava import (
+    FULL_GROUP,
+    SPARSE_GROUP,
+    DynamicLlavaCache,
+    DynamicLlavaLayer,
+    KeyLayout,
+)
 
 
 NUM_LAYERS, SPARSE_LAYER = 3, 1  # layer 0 is the full group, layers 1 and 2 the sparse group
@@ -87,6 +93,50 @@ def test_storage_grows_geometrically():
     # 2 x capacity appends with x1.5 growth: two reallocations per layer, not one per step.
     assert all(layer.growth_events == 2 for layer in cache.layers)
     assert stored(cache, 0, 0) == list(range(1, 5 + 2 * first_capacity))
+
+
+def test_a_prefill_storing_everything_is_a_block_copy_and_leaves_the_headroom_alone():
+    cache = new_cache()
+    everything = torch.ones(2, 5, dtype=torch.bool)
+    cache.begin_step(FULL_GROUP, everything)
+    cache.begin_step(SPARSE_GROUP, everything & torch.tensor([[True], [False]]))
+    # Write slots are planned once per group: none for a block copy, a scatter index where a row drops tokens.
+    assert cache.groups[FULL_GROUP].plan.slots is None
+    assert cache.groups[SPARSE_GROUP].plan.slots.shape == (2, 1, 5, 1)
+    ids = torch.arange(1, 11).view(2, 5)
+    for layer in range(NUM_LAYERS):
+        cache.update(token_states(ids), token_states(ids), layer)
+    cache.end_step(5)
+    assert stored(cache, 0, 1) == [6, 7, 8, 9, 10] and stored(cache, 2, 0) == [1, 2, 3, 4, 5]
+    # Only the written columns count as initialised (plus a zeroed block ahead where a scatter left rows ragged).
+    assert cache.layers[0].capacity >= 64 and cache.layers[0].finite_width == 5
+    assert cache.layers[2].finite_width == min(5 + 64, cache.layers[2].capacity)
+
+
+def test_room_is_zeroed_before_attention_reads_it(monkeypatch):
+    """Buffers grow uninitialised. Attention reads a ragged row's unused columns too (masked, but a NaN there would
+    poison the softmax), so everything it reads must have been written or zeroed: all new room is filled with NaN
+    here to prove it."""
+    grow = DynamicLlavaLayer._ensure_capacity
+
+    def poisoned(layer, needed):
+        grow(layer, needed)
+        layer.key_buffer[:, :, layer.finite_width :] = float("nan")
+        layer.value_buffer[:, :, layer.finite_width :] = float("nan")
+
+    monkeypatch.setattr(DynamicLlavaLayer, "_ensure_capacity", poisoned)
+    cache = new_cache()
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    kept = valid & torch.tensor([[True, False, True, True], [True, True, True, True]])
+    _, attended = step(cache, torch.arange(1, 9).view(2, 4), valid, kept)
+    assert all(torch.isfinite(keys).all() for keys in attended)
+    for token in range(9, 160):  # past two reallocations; row 0 keeps a third of its tokens, row 1 all
+        ones = torch.ones(2, 1, dtype=torch.bool)
+        persist = torch.tensor([[token % 3 == 0], [True]])
+        _, attended = step(cache, torch.tensor([[token], [1000 + token]]), ones, persist)
+        assert all(torch.isfinite(keys).all() for keys in attended), token
+    assert stored(cache, 2, 0) == [3, 4] + list(range(9, 160, 3))
+    assert stored(cache, 2, 1) == [5, 6, 7, 8] + [1000 + t for t in range(9, 160)]
 
 
 def test_beam_reorder_and_batch_helpers_move_every_row_together():

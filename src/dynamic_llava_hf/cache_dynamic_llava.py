@@ -6,9 +6,11 @@ of entries, and the two groups of layers differ too.
 
 Storage: each layer owns a preallocated buffer `[batch, kv_heads, capacity, head_dim]`; row `b` holds its entries in
 slots `[0, lengths[b])` (left-aligned, original order) and everything behind is scratch. The buffer grows
-geometrically, so appending is amortised O(1) and never copies the cache per step. All layers of a group share one
-`RowLengths` (their decisions are the same), so the per-row bookkeeping is done once per step, not once per layer;
-it includes the input position (attention-mask column) of every stored entry, to map attention weights back to it.
+geometrically, so appending is amortised O(1) and never copies the cache per step; new room is left uninitialised
+and zeroed only shortly before attention first reads it (see `DynamicLlavaLayer.finite_width`). All layers of a group
+share one `RowLengths` (their decisions are the same), so the per-row bookkeeping, write slots included, is done once
+per step, not once per layer; it includes the input position (attention-mask column) of every stored entry, to map
+attention weights back to it.
 
 The step protocol (the whole contract between the model and this cache):
 
@@ -22,12 +24,15 @@ The step protocol (the whole contract between the model and this cache):
 
 Host synchronisations (GPU -> CPU reads), all of them:
 
+- `begin_step` of a multi-token forward (prefill, a chunk): one per group, whether every row stores all its new tokens
+  (then each layer writes them with a block copy instead of a scatter).
 - `end_step`: one per forward, for the per-group minimum/maximum lengths that size the next step's masks and writes.
 - `reorder_cache`, `batch_select_indices`, `batch_repeat_interleave` (beam search, sampling with several sequences):
   one per call, for the same minimum/maximum after the rows moved.
 - `stored_lengths()` and `sparsity_report()` only when called (reporting).
 
-`begin_step` and `update` never synchronise: the lengths they need on the host are the ones `end_step` read.
+`update` never synchronises, nor does `begin_step` while decoding: the lengths they need on the host are the ones
+`end_step` read.
 """
 
 from dataclasses import dataclass
@@ -70,11 +75,14 @@ class StepPlan:
     per row and a non-empty cache) the token is written straight into its row's next free slot and attention reads the
     buffer itself; otherwise attention reads `cat(stored, new)` and the persisted tokens are written compacted.
     `positions[b, i]`: the input position of current token `i` (None: the step's tokens in order).
+    `slots` (`[batch, 1, new_tokens, 1]`): the buffer column each new token goes to, computed once for all the
+    group's layers; None when every row stores all new tokens behind equally long pasts (a contiguous copy).
     """
 
     persist: torch.Tensor
     in_place: bool
     positions: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
 
 
 def storage_rank(persist: torch.Tensor) -> torch.Tensor:
@@ -141,6 +149,10 @@ class DynamicLlavaLayer(CacheLayerMixin):
     def __init__(self, rows: RowLengths):
         self.key_buffer: torch.Tensor | None = None  # preallocated `[batch, kv_heads, capacity, head_dim]`
         self.value_buffer: torch.Tensor | None = None
+        # Columns [0, finite_width) hold written or zeroed entries in every row. Buffers grow uninitialised and are
+        # zeroed only just ahead of what attention reads: it reads a ragged row's unused columns too (masked, but a
+        # NaN there would still poison the softmax), and headroom nobody reaches is never touched.
+        self.finite_width = 0
         super().__init__()
         self.rows = rows
         self.growth_events = 0  # reallocations; each copies this layer's buffer once
@@ -156,6 +168,7 @@ class DynamicLlavaLayer(CacheLayerMixin):
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
         self.key_buffer = value
+        self.finite_width = min(self.finite_width, self.capacity)
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -164,6 +177,7 @@ class DynamicLlavaLayer(CacheLayerMixin):
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
         self.value_buffer = value
+        self.finite_width = min(self.finite_width, 0 if value is None else value.shape[-2])
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -181,13 +195,22 @@ class DynamicLlavaLayer(CacheLayerMixin):
             return
         capacity = _grown_capacity(needed)
         keys, values = self.key_buffer, self.value_buffer
-        grown_keys = keys.new_zeros(*keys.shape[:2], capacity, keys.shape[-1])
-        grown_values = values.new_zeros(*values.shape[:2], capacity, values.shape[-1])
-        if self.capacity > 0:
-            grown_keys[:, :, : self.capacity] = self.key_buffer
-            grown_values[:, :, : self.capacity] = self.value_buffer
+        grown_keys = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
+        grown_values = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
+        if self.finite_width > 0:  # the stored entries all lie in these columns
+            grown_keys[:, :, : self.finite_width] = keys[:, :, : self.finite_width]
+            grown_values[:, :, : self.finite_width] = values[:, :, : self.finite_width]
             self.growth_events += 1
         self.key_buffer, self.value_buffer = grown_keys, grown_values
+
+    def _zero_until(self, width: int) -> None:
+        """Makes columns [0, width) finite in every row, zeroing a block ahead so decoding zeroes rarely."""
+        if width <= self.finite_width:
+            return
+        end = min(self.capacity, width + 64)
+        self.key_buffer[:, :, self.finite_width : end] = 0
+        self.value_buffer[:, :, self.finite_width : end] = 0
+        self.finite_width = end
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -198,29 +221,30 @@ class DynamicLlavaLayer(CacheLayerMixin):
                 "DynamicLlavaCache was updated outside a DynamicLlava forward: the model must plan each step "
                 "(begin_step) before its layers run."
             )
-        batch, _, num_new, _ = key_states.shape
+        num_new = key_states.shape[2]
         past_width = self.rows.max_length
-        lengths = self.rows.lengths.to(key_states.device)
-        self._ensure_capacity(past_width + num_new)
+        reach = past_width + (1 if plan.in_place else num_new)  # the columns this step writes or reads
+        self._ensure_capacity(reach)
+
+        if plan.slots is None:
+            # Every row writes columns [past_width, reach) in full: a block copy, and those columns need no zeroing.
+            self.key_buffer[:, :, past_width:reach] = key_states
+            self.value_buffer[:, :, past_width:reach] = value_states
+            self.finite_width = max(self.finite_width, reach)
+        else:
+            # Ragged rows leave some of these columns unwritten; attention reads them (masked) all the same.
+            self._zero_until(reach)
+            slots = plan.slots.to(key_states.device)
+            self.key_buffer.scatter_(2, slots.expand_as(key_states), key_states)
+            self.value_buffer.scatter_(2, slots.expand_as(value_states), value_states)
 
         if plan.in_place:
-            # The new token goes to its row's next free slot; whether it stays there is decided in end_step.
-            slot = lengths.view(batch, 1, 1, 1)
-            self.key_buffer.scatter_(2, slot.expand_as(key_states), key_states)
-            self.value_buffer.scatter_(2, slot.expand_as(value_states), value_states)
-            return self.key_buffer[:, :, : past_width + 1], self.value_buffer[:, :, : past_width + 1]
-
+            # The new token went to its row's next free slot; whether it stays there is decided in end_step.
+            return self.key_buffer[:, :, :reach], self.value_buffer[:, :, :reach]
         if past_width == 0:
-            attend_keys, attend_values = key_states, value_states
-        else:
-            attend_keys = torch.cat([self.key_buffer[:, :, :past_width], key_states], dim=-2)
-            attend_values = torch.cat([self.value_buffer[:, :, :past_width], value_states], dim=-2)
-        # Write all new tokens behind each row's entries, persisted ones first (in order): the rest lies beyond the
-        # row's new length and is scratch.
-        rank = storage_rank(plan.persist.to(key_states.device))
-        slots = (lengths[:, None] + rank).view(batch, 1, num_new, 1)
-        self.key_buffer.scatter_(2, slots.expand_as(key_states), key_states)
-        self.value_buffer.scatter_(2, slots.expand_as(value_states), value_states)
+            return key_states, value_states
+        attend_keys = torch.cat([self.key_buffer[:, :, :past_width], key_states], dim=-2)
+        attend_values = torch.cat([self.value_buffer[:, :, :past_width], value_states], dim=-2)
         return attend_keys, attend_values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -240,6 +264,7 @@ class DynamicLlavaLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.key_buffer = self.value_buffer = None
+        self.finite_width = 0
         self.is_initialized = False
 
 
@@ -304,8 +329,16 @@ class DynamicLlavaCache(Cache):
                 "back only with the batch it was built for."
             )
         # One new token per row lands in the row's next free slot; several are appended behind the stored ones.
-        in_place = persist.shape[1] == 1 and rows.max_length > 0
-        rows.plan = StepPlan(persist=persist, in_place=in_place, positions=positions)
+        batch, num_new = persist.shape
+        in_place = num_new == 1 and rows.max_length > 0
+        if in_place:
+            slots = rows.lengths.view(batch, 1, 1, 1)
+        elif rows.min_length == rows.max_length and bool(persist.all()):
+            slots = None  # a prefill without padding or drops: each layer copies its new tokens in one block
+        else:
+            # Persisted tokens first (in order), the rest behind them: beyond the row's new length, i.e. scratch.
+            slots = (rows.lengths[:, None] + storage_rank(persist)).view(batch, 1, num_new, 1)
+        rows.plan = StepPlan(persist=persist, in_place=in_place, positions=positions, slots=slots)
         return KeyLayout(
             lengths=rows.lengths,
             past_width=rows.max_length,

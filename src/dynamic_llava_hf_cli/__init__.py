@@ -416,6 +416,20 @@ def add_bench_command(commands) -> None:
     bench.add_argument("--sweep-batch-size", type=int, help="batch size of the prefill sweep")
     bench.add_argument("--seed", type=int, help="seed of the random weights and inputs")
     bench.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    bench.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=("static", "compiled"),
+        help="transformers Llava variants measured besides its default cache: static (cache_implementation="
+        "'static') and compiled (static cache + compile_config); default both",
+    )
+    bench.add_argument("--compile-backend", help="torch.compile backend of the compiled baseline (default inductor)")
+    bench.add_argument(
+        "--compile-dynamic",
+        action=argparse.BooleanOptionalAction,
+        help="compile the baseline once with dynamic shapes instead of once per decoding point (default: the "
+        "preset's; tiny: dynamic)",
+    )
     bench.add_argument("--output", help="JSON file (default: bench-PRESET.json)")
     bench.add_argument("--plot", help="PNG file of the keep-rate sweep (default: bench-PRESET.png)")
     bench.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -446,6 +460,9 @@ BENCH_SETTINGS = (
     "sweep_batch_size",
     "seed",
     "threads",
+    "baselines",
+    "compile_backend",
+    "compile_dynamic",
 )
 
 

@@ -7,10 +7,12 @@ copy). Both are measured alternately, so load changes on a shared machine hit bo
 - prefill (time to first token: one forward with a fresh cache, `logits_to_keep=1`, vision tower included), median of
   `repeats` runs after `warmup` runs per batch size;
 - decoding with a KV cache: greedy `generate()` with exactly `new_tokens` tokens (`min_new_tokens = max_new_tokens`,
-  no EOS), timed per step by a logits processor; ms/token is the median step, tokens/s the whole run;
-- KV-cache bytes (ours: `sparsity_report()` stored vs dense, plus the allocated buffers; baseline: its DynamicCache)
-  and, on CUDA, peak allocated memory above the weights (`torch.cuda.max_memory_allocated`). On CPU no peak memory is
-  measured (the process allocator gives no per-call peak), only the KV bytes;
+  no EOS), timed per step by a logits processor; ms/token is the median step, tokens/s the whole run. The baseline is
+  measured as a user would run it: with its default DynamicCache, with `cache_implementation="static"`, and with the
+  static cache plus generate's compiled decoding step (`compile_config`), all alternating with ours;
+- KV-cache bytes (ours: `sparsity_report()` stored vs dense, plus the allocated buffers; baselines: their caches) and
+  the peak memory of each call above what was in use before it: `torch.cuda.max_memory_allocated` on CUDA, the
+  resident-size high-water mark on CPU (Linux; freed heap is handed back first, so it is not counted as free room);
 - analytic FLOPs (`flops.py`, paper convention and exact matmul counts) beside every measured ratio, and for decoding
   also the bytes read per step (weights + KV), the limit of a memory-bound step;
 - a prefill keep-rate sweep (0.1 … 1.0) with a PNG plot.
@@ -31,6 +33,7 @@ from functools import partial
 import torch
 from accelerate import init_empty_weights
 from transformers import (
+    CompileConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LogitsProcessorList,
@@ -165,10 +168,15 @@ def calibrate_output_text_predictor(
 
 
 def generate(
-    model, inputs: dict, new_tokens: int, clock: StepClock | None = None, on_step: Callable[[], object] | None = None
+    model,
+    inputs: dict,
+    new_tokens: int,
+    clock: StepClock | None = None,
+    on_step: Callable[[], object] | None = None,
+    **generate_kwargs,
 ):
     """Greedy generation of exactly `new_tokens` tokens (no EOS), returning the generate output. `clock` times the
-    steps; `on_step` is called at each of them."""
+    steps; `on_step` is called at each of them; `generate_kwargs` go to `generate()` (the cache, compilation)."""
     processors = [clock] if clock is not None else []
     if on_step is not None:
         processors.append(StepCallback(on_step))
@@ -181,11 +189,32 @@ def generate(
         pad_token_id=0,
         logits_processor=LogitsProcessorList(processors),
         return_dict_in_generate=True,
+        **generate_kwargs,
     )
     produced = out.sequences.shape[1] - inputs["input_ids"].shape[1]
     if produced != new_tokens:
         raise RuntimeError(f"{type(model).__name__} generated {produced} tokens instead of {new_tokens}")
     return out
+
+
+def compile_dynamic(settings: BenchSettings, preset: BenchPreset) -> bool:
+    return preset.compile_dynamic if settings.compile_dynamic is None else settings.compile_dynamic
+
+
+def baseline_generate_kwargs(kind: str, settings: BenchSettings, preset: BenchPreset, device: torch.device) -> dict:
+    """What a transformers user passes to `generate()` for each baseline: nothing (DynamicCache), a StaticCache, or
+    a StaticCache with the decoding step compiled."""
+    if kind == "default":
+        return {}
+    if kind == "static":
+        return {"cache_implementation": "static"}
+    config = CompileConfig(
+        dynamic=compile_dynamic(settings, preset),
+        backend=settings.compile_backend,
+        mode="reduce-overhead" if device.type == "cuda" else "default",  # CUDA graphs exist only on CUDA
+    )
+    config._compile_all_devices = True  # generate() compiles only on accelerators unless told so
+    return {"cache_implementation": "static", "compile_config": config}
 
 
 def cache_tensor_bytes(cache) -> int:
@@ -358,8 +387,14 @@ def run_benchmark(settings: BenchSettings) -> dict:
     }
     models = (model, baseline, preset, shape, base_shape)
     runs_per_point = 2 * (settings.warmup + settings.repeats)  # both models
-    # Steps per decoding point: ours' calibration run, the baseline's warm-up, then the timed runs of both models.
-    decode_steps = sum(tokens + WARMUP_TOKENS + 2 * settings.decode_repeats * tokens for _, tokens in decode_grid)
+    # Steps per decoding point: ours' calibration run, the baselines' warm-ups (the compiled one at full length: its
+    # graph depends on the static cache's length), then the timed runs of every model.
+    sides = 2 + len(settings.baselines)
+    warmups = WARMUP_TOKENS * (1 + ("static" in settings.baselines))
+    decode_steps = sum(
+        tokens * (1 + ("compiled" in settings.baselines)) + warmups + sides * settings.decode_repeats * tokens
+        for _, tokens in decode_grid
+    )
     with torch.inference_mode():
         with phase_bar("Prefill", runs_per_point * sum(settings.prefill_batch_sizes), "row") as bar:
             results["prefill"] = [
@@ -437,23 +472,40 @@ def measure_prefill(
 
 
 def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, settings, stopwatch, tick) -> dict:
-    """Times the decoding of both models at one batch size and length; `tick()` is called at each generation step."""
+    """Times the decoding of our model and of each baseline at one batch size and length, alternating; `tick()` is
+    called at each generation step."""
     device, dtype = model.device, model.dtype
     inputs = make_inputs(preset, model.config, batch, device, dtype, settings.seed)
-    # Untimed: calibrate the output-text predictor on these very inputs (also ours' warm-up); warm the baseline up.
+    # Untimed: calibrate the output-text predictor on these very inputs (also ours' warm-up); warm the baselines up.
     calibration = calibrate_output_text_predictor(model, inputs, settings.output_keep_rate, tokens, on_step=tick)
-    generate(baseline, inputs, WARMUP_TOKENS, on_step=tick)
+    candidates = {"ours": (model, {})}
+    # generate() sizes a static cache for the longest generation the model ever ran (to spare recompilations); each
+    # point measures one sized for its own length.
+    vars(baseline).pop("_previous_max_cache_length", None)
+    for kind in ("default", *settings.baselines):
+        kwargs = baseline_generate_kwargs(kind, settings, preset, device)
+        candidates[kind] = (baseline, kwargs)
+        if kind == "compiled":
+            if not compile_dynamic(settings, preset):
+                torch._dynamo.reset()  # a fresh static-shape graph per point, not a pile of recompilations
+            generate(baseline, inputs, tokens, on_step=tick, **kwargs)  # compiles for this batch and cache length
+        else:
+            generate(baseline, inputs, WARMUP_TOKENS, on_step=tick, **kwargs)
 
-    runs = {"ours": [], "baseline": []}
-    candidates = {"ours": model, "baseline": baseline}
+    runs = {side: [] for side in candidates}
+    order = list(candidates)
     for repeat in range(settings.decode_repeats):
-        for side in ("ours", "baseline") if repeat % 2 == 0 else ("baseline", "ours"):
+        for side in order if repeat % 2 == 0 else reversed(order):
             clock = StepClock(device)
+            candidate, kwargs = candidates[side]
             _, out, peak = stopwatch(
-                lambda model=candidates[side], clock=clock: generate(model, inputs, tokens, clock, on_step=tick)
+                lambda m=candidate, c=clock, k=kwargs: generate(m, inputs, tokens, c, on_step=tick, **k)
             )
-            steps = clock.step_seconds()
-            runs[side].append({"steps": steps, "cache": out[CACHE_NAME], "peak": peak})
+            cache = out[CACHE_NAME]
+            runs[side].append({"steps": clock.step_seconds(), "peak": peak, "kv_bytes": cache_tensor_bytes(cache)})
+            if side == "ours":
+                our_cache = cache  # for its sparsity report; the baselines' caches are let go at once
+            del out, cache
 
     def summary(side: str) -> dict:
         medians = [statistics.median(run["steps"]) for run in runs[side]]
@@ -465,10 +517,12 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
             "ms_per_token_whole_run": 1000 * statistics.median(whole) / (tokens - 1),
             "tokens_per_s_whole_run": batch * (tokens - 1) / statistics.median(whole),
             "peak_memory_bytes": runs[side][-1]["peak"],
+            "kv_bytes": runs[side][-1]["kv_bytes"],
         }
 
-    ours, base = summary("ours"), summary("baseline")
-    report = runs["ours"][-1]["cache"].sparsity_report()
+    ours, base = summary("ours"), summary("default")
+    others = {kind: summary(kind) for kind in settings.baselines}
+    report = our_cache.sparsity_report()
     stored = sum(row["stored_kv_bytes"] for row in report)
     dense = sum(row["dense_kv_bytes"] for row in report)
     kept = sum(row["generated_tokens_kept"] for row in report)
@@ -477,12 +531,11 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
     ours.update(
         stored_kv_bytes=stored,
         dense_kv_bytes=dense,
-        allocated_kv_bytes=cache_tensor_bytes(runs["ours"][-1]["cache"]),
+        allocated_kv_bytes=ours.pop("kv_bytes"),
         output_keep_rate=kept / judged if judged else None,
         output_keep_rate_row_range=[min(row_rates), max(row_rates)],
         image_tokens_kept=report[0]["image_tokens_kept"],
     )
-    base["kv_bytes"] = cache_tensor_bytes(runs["baseline"][-1]["cache"])
 
     # Analytic cost of the decoding steps, at the realised output keep rate.
     prompt = inputs["input_ids"].shape[1]
@@ -510,6 +563,18 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
         "ours": ours,
         "baseline": base,
         "ms_per_token_ratio": ratio(ours["ms_per_token"], base["ms_per_token"]),
+        # transformers' Llava with its StaticCache and with that cache plus the compiled step, same weights.
+        "baselines": others,
+        "ms_per_token_ratio_vs": {
+            kind: ratio(ours["ms_per_token"], side["ms_per_token"])
+            for kind, side in {"default": base, **others}.items()
+        },
+        "peak_memory_ratio_vs": {
+            kind: ratio(ours["peak_memory_bytes"], side["peak_memory_bytes"])
+            if None not in (ours["peak_memory_bytes"], side["peak_memory_bytes"])
+            else None
+            for kind, side in {"default": base, **others}.items()
+        },
         "kv_bytes_ratio": ratio(stored, dense),
         "flops_per_token": {
             "ours": flops_ours / steps,

@@ -30,6 +30,9 @@ class BenchPreset:
     # Generated tokens per decoding point unless `BenchSettings.new_tokens` says otherwise.
     new_tokens: tuple[int, ...] = (256, 1024)
     cuda_new_tokens: tuple[int, ...] = (256, 1024, 4096)
+    # The compiled baseline's graphs: False compiles one static-shape graph per decoding point (the fastest step,
+    # what a user with one shape gets); True one dynamic-shape graph for the whole grid (a cheaper smoke test).
+    compile_dynamic: bool = False
 
     def config(self, vision_keep_rate: float | None = None) -> DynamicLlavaConfig:
         vision = CLIPVisionConfig(**self.vision_config)
@@ -141,6 +144,7 @@ PRESETS: dict[str, BenchPreset] = {
         # A smoke test of about a minute on one CPU core; 1K-token generations would take most of it.
         new_tokens=(64, 256),
         cuda_new_tokens=(64, 256),
+        compile_dynamic=True,  # one compilation instead of six keeps the smoke test near a minute
     ),
     "cpu-7b-topology": _cpu_7b_topology(),
     "llava-1.5-7b": BenchPreset(
@@ -169,6 +173,8 @@ PRESETS: dict[str, BenchPreset] = {
 # ---------------------------------------------------------------------------------------------------------------------
 # Settings
 
+EXTRA_BASELINES = ("static", "compiled")
+
 
 @dataclass
 class BenchSettings:
@@ -190,6 +196,11 @@ class BenchSettings:
     sweep_batch_size: int = 1
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    # transformers' Llava is always measured with its default DynamicCache; these add its StaticCache ("static") and
+    # the StaticCache with generate's compiled decoding step ("compiled", `compile_config`).
+    baselines: tuple[str, ...] = ("static", "compiled")
+    compile_backend: str = "inductor"
+    compile_dynamic: bool | None = None  # None: the preset's choice
     progress: bool = True
 
     def validate(self) -> None:
@@ -209,6 +220,9 @@ class BenchSettings:
         for name in ("repeats", "decode_repeats", "sweep_batch_size", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = set(self.baselines) - set(EXTRA_BASELINES)
+        if unknown:
+            raise ValueError(f"Unknown baselines {sorted(unknown)}; choose from {list(EXTRA_BASELINES)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         rates = [self.output_keep_rate, *self.sweep_keep_rates]

@@ -1,5 +1,7 @@
 """`dynamic-llava bench`, the timing: wall time of a call, of each generation step, and both models alternately."""
 
+import ctypes
+import functools
 import time
 from collections.abc import Callable
 
@@ -7,10 +9,46 @@ import torch
 from transformers import LogitsProcessor
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+    except OSError:
+        return None
+
+
+def _release_free_heap() -> None:
+    """Hands the memory the C allocator keeps after frees back to the system, so that a call that reuses what an
+    earlier call freed still shows up in the resident size."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def reset_peak_rss() -> int | None:
+    """Resets the kernel's resident-size high-water mark (Linux: VmHWM via /proc/self/clear_refs) and returns the
+    resident size now; None where that is not possible."""
+    try:
+        _release_free_heap()
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
 class Stopwatch:
     """Wall time of a call: CUDA events on a GPU (the CUDA path is not exercised in this project's CPU-only CI),
-    `time.perf_counter` on CPU. On CUDA it also records the peak memory allocated during the call above what was
-    allocated before it."""
+    `time.perf_counter` on CPU. It also records the call's peak memory above what was in use before it: allocated
+    CUDA memory on a GPU, the process's resident size on CPU (Linux; None elsewhere)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -28,9 +66,12 @@ class Stopwatch:
             end.synchronize()
             peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
             return start.elapsed_time(end) / 1000.0, result, peak
+        rss_before = reset_peak_rss()
         start = time.perf_counter()
         result = fn()
-        return time.perf_counter() - start, result, None
+        seconds = time.perf_counter() - start
+        peak = None if rss_before is None else max(0, _status_bytes("VmHWM") - rss_before)
+        return seconds, result, peak
 
 
 class StepCallback(LogitsProcessor):
