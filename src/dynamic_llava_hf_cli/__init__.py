@@ -351,22 +351,12 @@ HUB_SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoke
 
 
 def fetch_source(src: str, allow_pickle: bool) -> str:
-    """`src` itself when it is a folder; else, if it is a Hub repo id, its files (cached by huggingface_hub, so
-    `HF_HUB_OFFLINE=1` works from a populated cache); else `src` (the converter says it does not exist)."""
-    import os
+    """SRC as given, or the local copy of the Hub repository it names (see `convert.reading.local_or_hub_folder`)."""
+    from dynamic_llava_hf.convert.reading import local_or_hub_folder
 
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if os.path.exists(src):
-        return src
-    try:
-        validate_repo_id(src)
-    except HFValidationError:
-        return src
-    patterns = HUB_SOURCE_PATTERNS + (["*.bin"] if allow_pickle else [])
-    folder = snapshot_download(src, allow_patterns=patterns)
-    print(f"Fetched {src} from the Hub: {folder}")
+    folder = local_or_hub_folder(src, HUB_SOURCE_PATTERNS + (["*.bin"] if allow_pickle else []))
+    if folder != src:
+        print(f"Fetched {src} from the Hub: {folder}")
     return folder
 
 

@@ -20,6 +20,7 @@ from .reading import (
     has_tokenizer,
     llava_processor,
     load_tokenizer,
+    local_or_hub_folder,
     read_json,
     read_safetensors_folder,
     read_weights,
@@ -89,17 +90,16 @@ def vision_tower_folder(src: str, original_config: dict, vision_tower: str | Non
     """A local folder with the CLIP tower: `--vision-tower`/`mm_vision_tower` as a folder (relative to SRC first) or,
     failing that, as a Hub repository id (config and safetensors weights only)."""
     name = resolve_vision_tower(src, original_config, vision_tower)
-    if os.path.isdir(name):
-        return name
     try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(name, allow_patterns=["config.json", "*.safetensors*", "preprocessor_config.json"])
+        folder = local_or_hub_folder(name, ["config.json", "*.safetensors*", "preprocessor_config.json"])
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder} is not a folder")
     except Exception as error:
         raise FileNotFoundError(
             f"Vision tower {name!r} is neither a folder nor a downloadable Hub repository ({error}); pass the local "
             "CLIP folder (e.g. a download of openai/clip-vit-large-patch14-336) as vision_tower / --vision-tower"
         ) from error
+    return folder
 
 
 # Keys of the official config.json without a sensible default.

@@ -34,6 +34,22 @@ PROCESSOR_FILES = TOKENIZER_FILES + (
 )
 
 
+def local_or_hub_folder(name: str, allow_patterns: list[str]) -> str:
+    """`name` when it is a local path; else, if it is a Hub repository id, the local copy of its files that match
+    `allow_patterns` (huggingface_hub's cache, so `HF_HUB_OFFLINE=1` works from a populated one); else `name` itself,
+    for the caller's own "not found" error."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.exists(name):
+        return name
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return name
+    return snapshot_download(name, allow_patterns=allow_patterns)
+
+
 def read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
