@@ -281,7 +281,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
                 step.hidden_states, step.image_mask, image_outputs.pooler_output, tokens_per_image
             )
             step.split_images = step.tokens_per_image is None
-        elif bool(step.image_mask.any()):
+        elif not step.decoding and bool(step.image_mask.any()):  # a decoding step has no placeholders: no host sync
             # As in Llava: without images, placeholder ids are ordinary tokens (and nothing is pruned).
             logger.warning_once(
                 f"The input contains image tokens (id {self.config.image_token_id}) but no pixel_values or image "
@@ -445,8 +445,8 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             Without a cache: the last `num_generated_tokens` inputs are model outputs, pruned by the output-text
             predictor as cached decoding would (the newest is always computed). `generate(use_cache=False)` sets it.
         prefill (`bool`, *optional*, defaults to `False`):
-            The inputs are prompt tokens, even a single one after a cached prefix, which otherwise counts as a generated
-            token and is gated by the output-text predictor. `generate()` sets it for its prefill.
+            The inputs are prompt tokens, even one token after a cached prefix (else a generated token, gated by the
+            output-text predictor). `generate()` sets it for its prefill.
         tokens_per_image (`int`, *optional*):
             Image tokens per image, for image features that come as one block of several images (`generate()` passes
             each prefill chunk its share of the features that way, and sets this).
