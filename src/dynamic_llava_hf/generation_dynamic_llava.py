@@ -84,14 +84,15 @@ class DynamicLlavaGenerationMixin:
         if settings.use_instruct_predictor:
             raise ValueError(
                 "Chunked prefill is not supported with the instruct predictor, which prunes the prompt text after the "
-                f"images as a whole: {whole_prompt}, or switch it off with sparsity={{'use_instruct_predictor': False}}."
+                f"images as a whole: {whole_prompt}, or switch it off with "
+                "sparsity={'use_instruct_predictor': False}."
             )
         if not (settings.use_vision_predictor and bool(image_mask.any())):
             return
         if settings.vision_selector != "learned":
             raise ValueError(
-                f"Chunked prefill is not supported with vision_selector={settings.vision_selector!r}, which ranks each "
-                f"image against the whole prompt: {whole_prompt}."
+                f"Chunked prefill is not supported with vision_selector={settings.vision_selector!r}, which ranks "
+                f"each image against the whole prompt: {whole_prompt}."
             )
         encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
         tokens_per_image = len(encoded.pooler_output[0]) if encoded is not None else self.config.image_seq_length
@@ -105,8 +106,8 @@ class DynamicLlavaGenerationMixin:
                         f"prefill_chunk_size={chunk_size} splits image {image} of row {row} (prompt positions {first} "
                         f"to {last}) across two chunks. Dynamic-LLaVA prunes each image's tokens together at "
                         "sparse_layer, so every image must lie inside one chunk: pick a chunk size whose boundaries "
-                        f"(multiples of it) fall outside every image, e.g. prefill_chunk_size >= {last_image_end} (all "
-                        "images in the first chunk), or switch image pruning off with "
+                        f"(multiples of it) fall outside every image, e.g. prefill_chunk_size >= {last_image_end} "
+                        "(all images in the first chunk), or switch image pruning off with "
                         "sparsity={'use_vision_predictor': False}."
                     )
 
