@@ -52,6 +52,11 @@ def main(output_path: str) -> None:
         with open(output_path, "w") as file:
             wrapper = type(trainer.model_wrapped).__name__  # DistributedDataParallel under torchrun
             json.dump({"world_size": world_size, "wrapper": wrapper, "losses": losses}, file)
+    # Tear the gloo group down before exit: left to the interpreter's shutdown, its threads can be destroyed while
+    # still joinable ("terminate called without an active exception", SIGABRT), which a loaded 2-core CI machine hit.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
