@@ -5,6 +5,7 @@ import torch
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from tiny_models import PAD_TOKEN_ID, build_prompts, tiny_model
+from tolerances import FP32_SAME_MATH
 
 
 # Two rows of 28 tokens, each image at prompt positions 9-17: chunks of 9 hold it whole and leave a 1-token last chunk.
@@ -29,7 +30,9 @@ def generate(model, input_ids, attention_mask, pixel_values, **kwargs):
 
 def assert_same_generation(chunked, whole):
     assert torch.equal(chunked.sequences, whole.sequences)
-    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.stack(chunked.logits), torch.stack(whole.logits), atol=FP32_SAME_MATH, rtol=FP32_SAME_MATH
+    )
     chunked_cache, whole_cache = chunked.get(CACHE_NAME), whole.get(CACHE_NAME)
     assert torch.equal(chunked_cache.stored_lengths(), whole_cache.stored_lengths())
     assert chunked_cache.sparsity_report() == whole_cache.sparsity_report()

@@ -16,10 +16,12 @@ import transformers.modeling_flash_attention_utils as flash_utils
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from mask_reference import generation_positions
 from tiny_models import VOCAB_SIZE, build_prompts, tiny_model
+from tolerances import FP32_SAME_OP
 
 
 # Three left-padded rows whose image sits at different positions.
 MIXED_ROWS = [(3, 1, 5), (8, 1, 2), (1, 1, 1)]
+# The emulated flash kernel vs SDPA/eager: float32, but attention accumulated per block in another order.
 TOLERANCE = 1e-4
 
 
@@ -206,7 +208,7 @@ def test_reference_kernels_match_sdpa():
         expected = torch.nn.functional.scaled_dot_product_attention(
             q[sq].transpose(0, 1), k[sk].transpose(0, 1), v[sk].transpose(0, 1), attn_mask=mask, enable_gqa=True
         )
-        assert max_diff(out[sq], expected.transpose(0, 1)) <= 1e-6
+        assert max_diff(out[sq], expected.transpose(0, 1)) <= FP32_SAME_OP
 
     # Dense kernel: 2 queries against 6 keys.
     q = torch.randn(2, 2, 4, 8, generator=generator)
@@ -216,7 +218,7 @@ def test_reference_kernels_match_sdpa():
     expected = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
     )
-    assert max_diff(out, expected.transpose(1, 2)) <= 1e-6
+    assert max_diff(out, expected.transpose(1, 2)) <= FP32_SAME_OP
 
 
 @pytest.mark.parametrize("sparsity", [None, False], ids=["sparse", "dense"])

@@ -10,6 +10,7 @@ from dynamic_llava_hf import DynamicLlavaForConditionalGeneration, SparsitySetti
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from mask_reference import generation_positions, reference_forward
 from tiny_models import IMAGE_SIZE, build_prompts, images_per_row, llava_twin, tiny_config, tiny_model
+from tolerances import FP32_SAME_MATH
 
 
 # Three left-padded rows whose image sits at different positions.
@@ -53,7 +54,7 @@ def test_matches_llava_when_nothing_is_pruned(attn_implementation, sparsity):
             position_ids=generation_positions(attention_mask),
         )
     valid = attention_mask.bool()
-    assert (ours.logits - theirs.logits)[valid].abs().max() <= 1e-5
+    assert (ours.logits - theirs.logits)[valid].abs().max() <= FP32_SAME_MATH
     if sparsity is False:
         assert ours.kept_image_token_indices is None
     else:
@@ -67,7 +68,7 @@ def test_matches_llava_with_keep_rate_one_in_the_config():
     with torch.no_grad():
         ours = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
         theirs = llava(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
-    assert (ours.logits - theirs.logits)[attention_mask.bool()].abs().max() <= 1e-5
+    assert (ours.logits - theirs.logits)[attention_mask.bool()].abs().max() <= FP32_SAME_MATH
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -78,7 +79,7 @@ def test_physical_pruning_equals_mask_based_computation(attn_implementation, kee
     ours = run(model, input_ids, attention_mask, pixel_values, sparsity={"vision_keep_rate": keep_rate})
     reference_logits, keep = reference_forward(model, input_ids, attention_mask, pixel_values, keep_rate=keep_rate)
     kept = keep & attention_mask.bool()
-    assert (ours.logits - reference_logits)[kept].abs().max() <= 1e-5
+    assert (ours.logits - reference_logits)[kept].abs().max() <= FP32_SAME_MATH
     # Removed positions get zero logits; the number kept per image is floor(9 * rate).
     assert ours.logits[~keep].abs().max() == 0
     per_image = int(9 * keep_rate)
@@ -97,13 +98,13 @@ def test_batched_equals_each_row_alone(attn_implementation, instruct):
         real = attention_mask[row].bool()
         ids = input_ids[row, real][None]
         alone = run(model, ids, torch.ones_like(ids), pixels if len(pixels) else None, output_hidden_states=True)
-        assert (batched.logits[row, real] - alone.logits[0]).abs().max() <= 1e-5
+        assert (batched.logits[row, real] - alone.logits[0]).abs().max() <= FP32_SAME_MATH
         if alone.kept_image_token_indices is None:  # a text-only row alone runs no image pruning
             assert batched.kept_image_token_indices[row].numel() == 0
         else:
             assert torch.equal(batched.kept_image_token_indices[row], alone.kept_image_token_indices[0])
         for ours, theirs in zip(batched.hidden_states, alone.hidden_states):
-            assert (ours[row, real] - theirs[0]).abs().max() <= 1e-5
+            assert (ours[row, real] - theirs[0]).abs().max() <= FP32_SAME_MATH
         assert torch.equal(batched_lengths[:, row], alone.get(CACHE_NAME).stored_lengths()[:, 0])
     # The text-only row keeps everything; the stored lengths differ per row and per layer group.
     assert batched.kept_image_token_indices[1].numel() == 0
@@ -195,7 +196,7 @@ def test_image_tokens_without_images_are_ordinary_tokens_as_in_llava(caplog):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=generation_positions(attention_mask)
         )
     valid = attention_mask.bool()
-    torch.testing.assert_close(out.logits[valid], expected.logits[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[valid], expected.logits[valid], atol=FP32_SAME_MATH, rtol=FP32_SAME_MATH)
 
 
 def test_generate_checks_pixel_values_before_encoding_them():
@@ -265,7 +266,7 @@ def test_untrained_predictors_are_not_used_unless_asked_for():
             position_ids=generation_positions(attention_mask),
         )
     valid = attention_mask.bool()
-    assert (default.logits - expected.logits)[valid].abs().max() <= 1e-5
+    assert (default.logits - expected.logits)[valid].abs().max() <= FP32_SAME_MATH
     assert default.kept_image_token_indices is None
     # Asked for: all of them (True), or what a dict switches on.
     assert run(model, input_ids, attention_mask, pixel_values, sparsity=True).kept_image_token_indices

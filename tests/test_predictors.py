@@ -6,6 +6,7 @@ from torch import nn
 
 from dynamic_llava_hf.modeling_dynamic_llava import DynamicLlavaImagePredictor, DynamicLlavaTextPredictor
 from tiny_models import tiny_model
+from tolerances import FP32_SAME_MATH, FP32_SAME_OP
 
 
 def image_predictor(hidden_size):
@@ -99,9 +100,9 @@ def test_image_predictor_matches_a_hand_written_forward():
         z = z + block.mlp.fc2(torch.nn.functional.gelu(block.mlp.fc1(block.norm2(z))))
     z = torch.cat([z[..., :8], z[..., 8:].mean(1, keepdim=True).expand(-1, 7, -1)], dim=-1)
     expected = predictor.output_mlp(z)
-    torch.testing.assert_close(predictor(x), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(predictor(x), expected, atol=FP32_SAME_OP, rtol=FP32_SAME_MATH)
     # An all-ones training policy changes nothing.
-    torch.testing.assert_close(predictor(x, torch.ones(3, 7, 1)), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(predictor(x, torch.ones(3, 7, 1)), expected, atol=FP32_SAME_OP, rtol=FP32_SAME_MATH)
 
 
 def test_model_state_dict_uses_official_predictor_prefixes():

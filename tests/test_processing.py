@@ -107,8 +107,9 @@ def test_image_preprocessing_is_llava_expand2square(width, height):
     processed = build_image_processor(image_size=42)(image, return_tensors="pt")["pixel_values"]
     assert processed.shape == (1, 3, 42, 42)
     expected = torch.from_numpy(expand2square_then_clip(image, 42)).float()
-    assert (processed[0] - expected).abs().max() <= 1e-5
-    # The padding really is the mean colour: it normalises to ~0 at the padded border.
+    assert (processed[0] - expected).abs().max() <= 1e-5  # float32 vs float64 of the same arithmetic
+    # The padding really is the mean colour: it normalises to ~0 at the padded border (the mean is rounded to whole
+    # 8-bit levels: up to 0.5 / 255 / std ~ 0.007 after normalisation).
     border = processed[0, :, 0, :] if width > height else processed[0, :, :, 0]
     assert border.abs().max() < 0.02
 
@@ -150,8 +151,8 @@ def test_vocab_padding_and_new_rows():
     weight = torch.randn(10, 4)
     extended = extend_vocab_rows(weight, 64)
     assert extended.shape == (64, 4) and torch.equal(extended[:10], weight)
-    # Near the mean (llava-hf: N(mean, 1e-5 * covariance)), deterministic, and all different (see test_convert's
-    # inputs_embeds test for why).
+    # Near the mean (llava-hf: N(mean, 1e-5 * covariance): for unit-variance rows a standard deviation of ~0.003, so
+    # 0.02 is over 6 sigma), deterministic, and all different (see test_convert's inputs_embeds test for why).
     assert torch.allclose(extended[10:], weight.mean(0).expand(54, -1), atol=0.02)
     assert not torch.allclose(extended[10:], weight.mean(0).expand(54, -1), atol=1e-6)
     assert torch.equal(extend_vocab_rows(weight, 64), extended)

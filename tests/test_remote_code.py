@@ -20,6 +20,7 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module, get
 import dynamic_llava_hf
 from dynamic_llava_hf import DynamicLlavaCache, DynamicLlavaForConditionalGeneration
 from dynamic_llava_hf.modeling_dynamic_llava import REMOTE_CODE_FILES
+from tolerances import FP32_SAME_MATH
 
 
 PROBE = Path(__file__).parent / "remote_code_probe.py"
@@ -146,9 +147,9 @@ def test_fresh_venv_loads_the_folder_with_trust_remote_code_and_generates_identi
         base_hidden = AutoModel.from_pretrained(folder).eval()(**inputs).last_hidden_state
 
     assert torch.equal(remote["sequences"], local.sequences)
-    torch.testing.assert_close(remote["scores"], torch.stack(local.scores), atol=1e-5, rtol=0)
-    torch.testing.assert_close(remote["prefill_logits"], prefill.logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(remote["base_hidden"], base_hidden, atol=1e-5, rtol=0)
+    torch.testing.assert_close(remote["scores"], torch.stack(local.scores), atol=FP32_SAME_MATH, rtol=0)
+    torch.testing.assert_close(remote["prefill_logits"], prefill.logits, atol=FP32_SAME_MATH, rtol=0)
+    torch.testing.assert_close(remote["base_hidden"], base_hidden, atol=FP32_SAME_MATH, rtol=0)
     assert torch.equal(remote["stored_lengths"], local.get(CACHE_NAME).stored_lengths())
     assert remote["sparsity_report"] == local.get(CACHE_NAME).sparsity_report()
     # Sparsification really ran: 4 of 9 image tokens kept per image (vision_keep_rate 0.5).
@@ -205,7 +206,7 @@ def test_remote_module_in_this_process_matches_the_installed_package(tmp_path):
     for loaded in (trusted, remote):
         out = greedy(loaded, inputs)
         assert torch.equal(out.sequences, expected.sequences)
-        torch.testing.assert_close(torch.stack(out.scores), torch.stack(expected.scores), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.stack(out.scores), torch.stack(expected.scores), atol=FP32_SAME_MATH, rtol=0)
     remote_cache = greedy(remote, inputs).get(CACHE_NAME)
     assert type(remote_cache).__module__.startswith("transformers_modules.") and type(remote_cache) is not (
         DynamicLlavaCache

@@ -1,4 +1,5 @@
-"""`train/trainer.py`: finding the model, the temperature schedule, optimizer groups, what the trainer needs and marks."""
+"""`train/trainer.py`: finding the model, the temperature schedule, optimizer groups, what the trainer needs and
+marks."""
 
 import math
 

@@ -14,6 +14,7 @@ from dynamic_llava_hf.train.trainer import (
     DynamicLlavaTrainingArguments,
     set_gumbel_tau,
 )
+from tolerances import FP32_SAME_MATH, FP32_SAME_OP
 
 
 def training_batch(rows=((3, 1, 12), (5, 1, 7), (2, 1, 9)), answer_lengths=(7, 3, 5), seed=0):
@@ -107,12 +108,17 @@ def test_training_forward_equals_physical_pruning_with_the_same_decisions(attn_i
             kept = prefill.logits[0].abs().sum(-1) > 0  # removed image tokens have zero logits
             assert int(kept.sum()) < answer_start  # image tokens were really removed
             torch.testing.assert_close(
-                prefill.logits[0][kept], training_logits[0, :answer_start][kept], atol=1e-5, rtol=1e-5
+                prefill.logits[0][kept],
+                training_logits[0, :answer_start][kept],
+                atol=FP32_SAME_MATH,
+                rtol=FP32_SAME_MATH,
             )
             cache, decisions = prefill.get(CACHE_NAME), []
             for position in range(answer_start, ids.shape[1]):
                 step = model(input_ids=ids[:, position : position + 1], cache=cache, use_cache=True)
-                torch.testing.assert_close(step.logits[0, -1], training_logits[0, position], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    step.logits[0, -1], training_logits[0, position], atol=FP32_SAME_MATH, rtol=FP32_SAME_MATH
+                )
                 decisions.append(bool(step.output_keep_decisions[0, 0]))
         assert 0 < sum(decisions) < len(decisions) or len(decisions) < 4  # the answer really was sparsified
 
@@ -130,7 +136,9 @@ def test_batched_training_forward_equals_per_row():
             pixel_values=batch["pixel_values"][row : row + 1],
             labels=batch["labels"][row][valid][None],
         )
-        torch.testing.assert_close(batched.logits[row][valid], single.logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            batched.logits[row][valid], single.logits[0], atol=FP32_SAME_MATH, rtol=FP32_SAME_MATH
+        )
 
 
 def official_masked_softmax_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -174,7 +182,7 @@ def test_gradients_equal_the_official_masked_softmax(monkeypatch):
     monkeypatch.setattr(model.config.text_config, "_attn_implementation_internal", "official_masked_softmax")
     official = model(**batch)
     official.lm_loss.backward()
-    torch.testing.assert_close(official.lm_loss.detach(), ours_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(official.lm_loss.detach(), ours_loss, atol=FP32_SAME_MATH, rtol=FP32_SAME_MATH)
     for name, grad in predictor_grads(model).items():
         assert grad.abs().sum() > 0, name
         assert (ours[name] - grad).norm() <= 1e-3 * grad.norm(), name
@@ -236,7 +244,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(**batch).loss.backward()
     for name, param in model.named_parameters():
         if name in plain:
-            torch.testing.assert_close(param.grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(param.grad, plain[name], atol=FP32_SAME_OP, rtol=FP32_SAME_MATH, msg=name)
 
 
 def test_bf16_autocast_and_frozen_vision_tower():

@@ -10,6 +10,7 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME, HAS_IMAGE_OUTPUTS
 from tiny_models import PAD_TOKEN_ID, build_prompts, tiny_model
+from tolerances import FP32_SAME_MATH
 
 
 ROWS = [(3, 1, 5), (8, 1, 2)]
@@ -107,4 +108,4 @@ def test_set_attn_implementation_switches_backends_quietly(caplog):
         assert config._attn_implementation == "sdpa"
     with torch.no_grad():
         sdpa = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
-    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa, eager, atol=FP32_SAME_MATH, rtol=FP32_SAME_MATH)
