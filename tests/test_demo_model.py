@@ -12,19 +12,24 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 import dynamic_llava_hf
 from dynamic_llava_hf import DynamicLlavaForConditionalGeneration, demo_model_path
 from dynamic_llava_hf.demo_model import DEMO_PACKAGE_DATA, REMOTE_CODE_FILES
-from dynamic_llava_hf.evaluate import generate_answers, object_patches_kept, short_answer_accuracy
+from dynamic_llava_hf.evaluate import (
+    SHORT_ANSWER_TOKENS,
+    generate_answers,
+    object_patches_kept,
+    short_answer_accuracy,
+)
 from dynamic_llava_hf.synthetic import SHORT_KINDS, make_samples
 
 
 FIXTURE_SEED = 777  # neither a training seed (1-3) nor the eval seed
 QUESTIONS_PER_KIND = 8  # 48 questions
-# What the shipped model shows on this fixed set (the full eval, on 600 questions, is in the README). Its base LLaVA is
-# undertrained (about 30% with full context, near chance), so the accuracy floors are relative: keeping 20% of the
-# image tokens costs nothing. The predictor itself is checked absolutely: it keeps the patch of (almost) every object.
+# Floors a few questions below what the shipped model measures on this fixed set (the held-out eval on 600 questions
+# is in the README): full context 52.1% (25 of 48), learned selector at vision keep 0.2 52.1%, random 47.9%, FastV
+# 41.7%; object patches kept at 0.2: learned 94%, random 18% (about 7/36 expected), FastV 13%.
+MIN_FULL_ACCURACY = 0.45
 MAX_DROP_AT_KEEP_02 = 0.03  # learned selector at vision keep 0.2 vs full context: at most one question lost
-LEARNED_OBJECTS_KEPT = 0.95  # measured 1.00 (7 of 36 tokens kept, 3-5 objects)
-RANDOM_OBJECTS_KEPT = 0.40  # measured 0.19 (about 7/36 expected)
-FASTV_OBJECTS_KEPT = 0.80  # measured 0.98
+LEARNED_OBJECTS_KEPT = 0.85
+RANDOM_OBJECTS_KEPT = 0.40
 
 
 @pytest.fixture(scope="module")
@@ -73,20 +78,30 @@ def test_keep_02_costs_no_accuracy_and_the_predictor_keeps_the_objects(demo, fix
     model, processor = demo
     full = short_answer_accuracy(model, processor, fixed_questions, "learned", 1.0, batch_size=48)
     learned = short_answer_accuracy(model, processor, fixed_questions, "learned", 0.2, batch_size=48)
+    random = short_answer_accuracy(model, processor, fixed_questions, "random", 0.2, batch_size=48)
+    assert full["overall"] >= MIN_FULL_ACCURACY, full
     assert learned["overall"] >= full["overall"] - MAX_DROP_AT_KEEP_02, (learned, full)
+    assert learned["overall"] >= random["overall"], (learned, random)
     kept = {
         selector: object_patches_kept(model, processor, fixed_questions, selector, 0.2, batch_size=48)
         for selector in ("learned", "random", "fastv")
     }
     assert kept["learned"] >= LEARNED_OBJECTS_KEPT, kept
     assert kept["random"] <= RANDOM_OBJECTS_KEPT, kept
-    assert kept["fastv"] >= FASTV_OBJECTS_KEPT, kept
+    assert kept["fastv"] < kept["learned"], kept  # the training-free rule finds fewer of the objects here
+
+
+def test_every_short_answer_fits_the_generation_budget(demo):
+    _, processor = demo
+    samples = make_samples(700, FIXTURE_SEED + 1, SHORT_KINDS)
+    longest = max(len(processor.tokenizer(" " + s["answer"], add_special_tokens=False).input_ids) for s in samples)
+    assert longest + 1 <= SHORT_ANSWER_TOKENS  # and </s>
 
 
 def test_pipeline_gives_the_models_answers(demo, demo_folder, fixed_questions):
     model, processor = demo
     samples = fixed_questions[:6]
-    expected, _ = generate_answers(model, processor, samples, None, max_new_tokens=6)
+    expected, _ = generate_answers(model, processor, samples, None, max_new_tokens=SHORT_ANSWER_TOKENS)
     pipe = pipeline("image-text-to-text", model=str(demo_folder))
     chats = [
         [
@@ -97,7 +112,7 @@ def test_pipeline_gives_the_models_answers(demo, demo_folder, fixed_questions):
         ]
         for s in samples
     ]
-    outputs = pipe(text=chats, batch_size=3, max_new_tokens=6, return_full_text=False)
+    outputs = pipe(text=chats, batch_size=3, max_new_tokens=SHORT_ANSWER_TOKENS, return_full_text=False)
     answers = [output[0]["generated_text"].strip() for output in outputs]
     assert answers == expected and all(answers)
 
@@ -114,15 +129,22 @@ def test_remote_code_in_a_fresh_venv_answers_like_the_package(demo_folder, fixed
     request = tmp_path / "request.json"
     questions = [s["question"] for s in samples]
     request.write_text(
-        json.dumps({"folder": str(demo_folder), "images": image_paths, "questions": questions, "max_new_tokens": 6})
+        json.dumps(
+            {
+                "folder": str(demo_folder),
+                "images": image_paths,
+                "questions": questions,
+                "max_new_tokens": SHORT_ANSWER_TOKENS,
+            }
+        )
     )
     remote = run_probe_without_package(request, tmp_path)
     assert remote["model_class"].startswith("transformers_modules.")
 
     # The installed package on the same inputs: same tokens from generate() and the same pipeline answers.
     model = AutoModelForImageTextToText.from_pretrained(demo_folder).eval()
-    local = model.generate(**remote["inputs"], max_new_tokens=6, do_sample=False)
+    local = model.generate(**remote["inputs"], max_new_tokens=SHORT_ANSWER_TOKENS, do_sample=False)
     assert torch.equal(local, remote["sequences"])
     processor = AutoProcessor.from_pretrained(demo_folder)
-    expected, _ = generate_answers(model, processor, samples, None, max_new_tokens=6)
+    expected, _ = generate_answers(model, processor, samples, None, max_new_tokens=SHORT_ANSWER_TOKENS)
     assert [answer.strip() for answer in remote["pipeline_answers"]] == expected

@@ -13,6 +13,7 @@ from dynamic_llava_hf.synthetic import (
     SHORT_KINDS,
     SIZES,
     describe,
+    make_sample,
     make_samples,
     plural,
 )
@@ -44,6 +45,13 @@ def test_kinds_filter_and_bad_kinds():
         make_samples(-1, seed=0)
 
 
+def the_only(objects, attribute: str, question: str):
+    """The one object whose `attribute` the question names; that attribute is unique in the scene."""
+    (obj,) = [obj for obj in objects if f" {getattr(obj, attribute)} " in question.replace("?", " ")]
+    assert [getattr(other, attribute) for other in objects].count(getattr(obj, attribute)) == 1
+    return obj
+
+
 def test_answers_agree_with_the_scene():
     for sample in make_samples(700, seed=3):
         objects, answer, question = sample["objects"], sample["answer"], sample["question"]
@@ -52,29 +60,51 @@ def test_answers_agree_with_the_scene():
         assert len({(obj.color, obj.shape) for obj in objects}) == len(objects)
         kind = sample["kind"]
         if kind == "color":
-            (obj,) = [obj for obj in objects if f"the {obj.shape}?" in question]
-            assert answer == obj.color and answer in COLORS
+            obj = the_only(objects, "shape", question)
+            assert answer == f"The {obj.shape} {obj.color}."
         elif kind == "shape":
-            (obj,) = [obj for obj in objects if f"the {obj.color} object" in question]
-            assert answer == obj.shape and answer in SHAPES
+            obj = the_only(objects, "color", question)
+            assert answer == f"The {obj.color} {obj.shape}."
         elif kind == "count":
             if "objects" in question:
-                assert answer == str(len(objects))
+                assert answer == f"Objects {len(objects)}."
             else:
                 (shape,) = [shape for shape in SHAPES if f" {plural(shape)} " in question]
-                assert answer == str(sum(obj.shape == shape for obj in objects))
+                assert answer == f"The {plural(shape)} {sum(obj.shape == shape for obj in objects)}."
         elif kind == "position":
-            (obj,) = [obj for obj in objects if f"the {obj.name}?" in question]
-            assert answer == obj.position and answer in POSITIONS.values()
+            obj = the_only(objects, "shape", question)
+            assert answer == f"The {obj.shape} {obj.position}." and obj.position in POSITIONS.values()
         elif kind == "exists":
-            present = any(f" {obj.name}?" in question for obj in objects)
-            assert answer == ("yes" if present else "no")
+            shapes = [shape for shape in SHAPES if question == f"Is there a {shape}?"]
+            colors = [color for color in COLORS if question == f"Is there anything {color}?"]
+            if shapes:
+                present = any(obj.shape == shapes[0] for obj in objects)
+                assert answer == f"A {shapes[0]} {'yes' if present else 'no'}."
+            else:
+                present = any(obj.color == colors[0] for obj in objects)
+                assert answer == f"Anything {colors[0]} {'yes' if present else 'no'}."
         elif kind == "size":
-            (obj,) = [obj for obj in objects if f"the {obj.name} " in question]
-            assert answer == obj.size and answer in SIZES
+            obj = the_only(objects, "shape", question)
+            assert answer == f"The {obj.shape} {obj.size}." and obj.size in SIZES
         else:
             assert answer == describe(objects)
             assert all(f"a {obj.size} {obj.name} at the {obj.position}" in answer for obj in objects)
+
+
+def test_short_answers_name_their_object_right_before_the_answer_word():
+    """The word that identifies the object comes right before the answer word (see the note in `synthetic`)."""
+    values = {*COLORS, *SHAPES, *POSITIONS.values(), *SIZES, "yes", "no", *map(str, range(6))}
+    for sample in make_samples(60, seed=4, kinds=SHORT_KINDS):
+        words = sample["answer"].rstrip(".").split()
+        value_start = next(i for i in range(1, len(words)) if " ".join(words[i:]) in values)
+        key = words[value_start - 1]
+        assert f" {key}" in sample["question"] or key == "Objects", sample
+
+
+def test_scene_size_bounds():
+    samples = [make_sample(7, index, min_objects=1, max_objects=2) for index in range(40)]
+    assert {len(sample["objects"]) for sample in samples} == {1, 2}
+    assert describe(samples[0]["objects"][:1]).startswith("There is 1 object: ")
 
 
 def test_objects_are_drawn_where_the_scene_says():
