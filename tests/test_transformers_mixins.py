@@ -184,6 +184,9 @@ class CommonTests(ModelTesterMixin, GenerationTesterMixin):
     _is_composite = True
 
     def setUp(self):
+        # transformers' `ids_tensor` / `floats_tensor` draw from an unseeded module-level generator: seed it, so that
+        # a run here and one in CI see the same inputs (the project's conftest seeds torch the same way).
+        upstream.modeling.global_rng.seed(0)
         self.model_tester = TinyLlavaTester(self, self.config_class, self.sparsity)
         self.config_tester = ConfigTester(
             self,
@@ -231,6 +234,15 @@ class CommonTests(ModelTesterMixin, GenerationTesterMixin):
 @with_skips(SKIPPED_FOR_LLAVA)
 class TestLlavaBaseline(CommonTests, unittest.TestCase):
     all_model_classes = (LlavaModel, LlavaForConditionalGeneration)
+
+
+# Two common tests that pass for Llava skip themselves for Dynamic-LLaVA (off and on), by their own rules:
+# - test_bc_cache_name_forward ("Not returning cache or non standard Cache"): it runs only for models whose cache is
+#   exactly a DynamicCache; ours returns a DynamicLlavaCache (a different set of tokens per layer and row). That both
+#   names are accepted, and that our own code uses the new one, is checked in test_transformers_compat.py.
+# - test_reverse_loading_mapping ("Only PrefixChange conversions found"): transformers gives custom code no checkpoint
+#   key conversion (Llava's legacy-layout renaming), and this model saves its in-memory names; legacy llava-hf
+#   checkpoints go through `dynamic-llava convert llava-hf` (test_convert.py).
 
 
 class DynamicLlavaTests(CommonTests):

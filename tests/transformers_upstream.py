@@ -13,8 +13,10 @@ third, so these imports are given stand-ins here (see `STAND_INS`):
 - `utils.test_configuration_utils.config_common_kwargs`: an empty dict. `ConfigTester` reads it in
   `check_config_arguments_init` only, which returns before that for composite configurations such as Llava's.
 
-A folder that has the complete `tests/` of a transformers checkout can be named with `DYNAMIC_LLAVA_TRANSFORMERS_TESTS`
-instead; the stand-ins are then only used for the files that folder lacks.
+A folder that has the complete `tests/` of a transformers checkout (of the installed release) can be named with
+`DYNAMIC_LLAVA_TRANSFORMERS_TESTS` instead; the stand-ins are then only used for the files that folder lacks. Not tried
+in this project (no such checkout can be had here): with the real `GenerationTesterMixin`, transformers' generation
+tests would run on these classes too, and their results have not been triaged.
 
 Where the files come from, in order: `DYNAMIC_LLAVA_TRANSFORMERS_TESTS`; the cache folder
 `~/.cache/dynamic-llava-hf/transformers-tests-<version>/tests` (`DYNAMIC_LLAVA_CACHE` replaces
@@ -99,8 +101,9 @@ def download_tests(version: str, folder: Path) -> None:
         if missing:
             raise FileNotFoundError(f"the source distribution of transformers {version} has no tests/{missing}")
         folder.parent.mkdir(parents=True, exist_ok=True)
-        if folder.exists():  # another process finished first
+        if all((folder / name).is_file() for name in NEEDED):  # another process finished first
             return
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete earlier copy
         shutil.move(str(unpacked), str(folder))
 
 
