@@ -365,9 +365,14 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             if step.all_attentions is not None:
                 hook = layer.self_attn.register_forward_hook(lambda module, args, output: weights.append(output[1]))
             try:
+                # The mask goes in positionally, as the hidden states do: in training it carries the predictors'
+                # soft keep decisions (it requires grad), and reentrant gradient checkpointing
+                # (`use_reentrant=True`) only routes gradients through positional inputs. As a keyword it was replayed
+                # inside the checkpoint's backward, which then ran into the predictors' graph once per layer
+                # ("Trying to backward through the graph a second time").
                 step.hidden_states = layer(
                     step.hidden_states,
-                    attention_mask=mask,
+                    mask,
                     position_embeddings=step.position_embeddings,
                     **{CACHE_NAME: cache},
                     **kwargs,
