@@ -64,6 +64,10 @@ _BUNDLE = "configuration modeling cache predictors sparsity inference training c
 REMOTE_CODE_FILES = tuple(f"{name}_dynamic_llava.py" for name in _BUNDLE.split())
 
 
+def _not_custom_code() -> bool:
+    return False
+
+
 class DynamicLlavaPreTrainedModel(LlavaPreTrainedModel):
     config_class = DynamicLlavaConfig
     # The ragged cache and the data-dependent pruning rule out static shapes, BlockMasks and external backends.
@@ -76,6 +80,21 @@ class DynamicLlavaPreTrainedModel(LlavaPreTrainedModel):
     # next to the decoder. transformers also keeps them in float32 when a model is loaded in float16 (not bfloat16).
     # Quantizers match these names from the start of a module's path, so each model names its own paths, and only
     # the predictors it built.
+
+    def initialize_weights(self):
+        # transformers takes every model defined outside its own package for custom code, and for custom code it skips
+        # the `_init_weights` of a module whose own parameters are all set (assuming a custom `_init_weights` would
+        # overwrite loaded weights). Modules that initialise their children's weights are then skipped once the
+        # children are done: CLIP's attention and MLP blocks scale their projections, so vision-tower weights missing
+        # from a checkpoint got plain `nn.Linear` values instead of what a freshly built model (or Llava) gives them.
+        # Every `_init_weights` this model runs is transformers' own (Llava's, CLIP's, Llama's), which leave loaded
+        # weights alone: initialise as transformers does its own models. (transformers' common test
+        # `test_can_init_all_missing_weights`.)
+        self.is_custom_code = _not_custom_code  # shadows the class method on this instance for the call
+        try:
+            return super().initialize_weights()
+        finally:
+            del self.is_custom_code
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `_auto_class` (set below) makes transformers copy this file, its relative imports and the config file next
@@ -346,9 +365,14 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             if step.all_attentions is not None:
                 hook = layer.self_attn.register_forward_hook(lambda module, args, output: weights.append(output[1]))
             try:
+                # The mask goes in positionally, as the hidden states do: in training it carries the predictors'
+                # soft keep decisions (it requires grad), and reentrant gradient checkpointing
+                # (`use_reentrant=True`) only routes gradients through positional inputs. As a keyword it was replayed
+                # inside the checkpoint's backward, which then ran into the predictors' graph once per layer
+                # ("Trying to backward through the graph a second time").
                 step.hidden_states = layer(
                     step.hidden_states,
-                    attention_mask=mask,
+                    mask,
                     position_embeddings=step.position_embeddings,
                     **{CACHE_NAME: cache},
                     **kwargs,

@@ -291,6 +291,12 @@ class DecoderStep:
         that were removed or are not stored."""
         batch, heads, _, num_keys = weights.shape
         total = self.past_seen + self.num_new
+        in_place = torch.arange(total, device=key_positions.device).expand(batch, -1)
+        if self.gather_index is None and num_keys == total and torch.equal(key_positions, in_place):
+            # Every query and every key is at its input position (nothing removed, padded or left out of the cache):
+            # the weights as attention computed them, the same tensor, so that gradients reach it (as in Llava).
+            self.all_attentions.append(weights)
+            return
         index = key_positions[:, None, None, :].expand(batch, heads, weights.shape[2], num_keys)
         # One spare column receives the keys that stand for no token; it is cut off.
         by_key = weights.new_zeros(batch, heads, weights.shape[2], total + 1).scatter_(-1, index, weights)[..., :total]
