@@ -60,7 +60,7 @@ REMOTE_CODE_AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
 }
 # That remote code: this file and every file it imports (flat: transformers copies them next to the weights).
-_BUNDLE = "configuration modeling cache predictors sparsity inference training compat outputs generation"
+_BUNDLE = "configuration modeling cache static_cache predictors sparsity inference training compat outputs generation"
 REMOTE_CODE_FILES = tuple(f"{name}_dynamic_llava.py" for name in _BUNDLE.split())
 
 
@@ -226,8 +226,10 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         """The step state at the first decoder layer: padding mask, original positions and their RoPE."""
         if cache is not None:
             cache.check_fits(self.config, inputs_embeds.shape[0])
-        past_seen = cache.get_seq_length() if cache is not None else 0
-        if num_generated_tokens and past_seen > 0:
+        # Tokens already seen: an int, or a device tensor for the fixed-capacity cache (its decoding step reads nothing
+        # on the host); whether there are any is known on the host either way.
+        past_seen, has_past = (cache.step_offset(), cache.has_past) if cache is not None else (0, False)
+        if num_generated_tokens and has_past:
             raise ValueError("num_generated_tokens is for decoding without a cache; with a cache pass only new tokens")
         batch, num_new = inputs_embeds.shape[:2]
         device = inputs_embeds.device
@@ -235,17 +237,18 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < num_new:
                 raise ValueError(
                     f"attention_mask must be a 2D padding mask [batch, past + new tokens] = [{batch}, "
-                    f"{past_seen + num_new}], got {list(attention_mask.shape)}"
+                    f"{int(past_seen) + num_new}], got {list(attention_mask.shape)}"
                 )
             valid = attention_mask[:, -num_new:].to(device=device, dtype=torch.bool)
         else:
             valid = torch.ones(batch, num_new, dtype=torch.bool, device=device)
         if position_ids is None:
-            position_ids = torch.arange(past_seen, past_seen + num_new, device=device)[None]
+            position_ids = (past_seen + torch.arange(num_new, device=device))[None]
         position_ids = position_ids.to(device).expand(batch, num_new)
         return DecoderStep(
             valid=valid,
             past_seen=past_seen,
+            has_past=has_past,
             num_generated_tokens=num_generated_tokens,
             prefill=prefill,
             hidden_states=inputs_embeds,
