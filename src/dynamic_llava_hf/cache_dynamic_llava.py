@@ -513,8 +513,9 @@ def cache_for_forward(past_key_values, config, use_cache: bool) -> DynamicLlavaC
         return DynamicLlavaCache(config)
     raise TypeError(
         f"Dynamic-LLaVA needs a DynamicLlavaCache (it stores a different set of tokens per layer and row), got "
-        f"{type(past_key_values).__name__}. Static, quantized and offloaded caches are not supported; pass no "
-        "cache or an empty DynamicCache and one is created."
+        f"{type(past_key_values).__name__}. transformers' static, quantized and offloaded caches are not supported; "
+        "pass no cache or an empty DynamicCache and one is created (or ask generate() for "
+        'cache_implementation="static": DynamicLlavaStaticCache, fixed-capacity and compileable).'
     )
 
 

@@ -211,7 +211,8 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
             self._reserve_for(rows, persist)
             return super().begin_step(group, persist, positions)
         # A decoding step: nothing read on the host, every shape fixed by the capacity.
-        rows.plan = StepPlan(persist=persist, in_place=True, positions=positions, slots=rows.lengths.view(batch, 1, 1, 1))
+        slots = rows.lengths.view(batch, 1, 1, 1)
+        rows.plan = StepPlan(persist=persist, in_place=True, positions=positions, slots=slots)
         width = rows.capacity - 1
         return KeyLayout(
             lengths=rows.lengths, past_width=width, in_place=True, uniform=False, positions=rows.positions[:, :width]
