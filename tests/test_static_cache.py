@@ -6,6 +6,8 @@ warm one), so they are kept to a minimum; the graph checks use dynamo's "eager" 
 without generating code.
 """
 
+import functools
+
 import pytest
 import torch
 from transformers import CompileConfig
@@ -140,24 +142,56 @@ def compile_config() -> CompileConfig:
     return config
 
 
-@pytest.mark.parametrize("mode", ["greedy", "beam"])
-def test_compiled_decoding_equals_eager(mode):
-    """generate() with `compile_config`, as a transformers user asks for it, gives eager decoding's tokens (inductor).
-    Greedy also covers sampling with a seed and per-row decoding (a batch of one)."""
+def compile_decoding_steps(model) -> list[int]:
+    """Routes the model's decoding steps through `torch.compile` (inductor, one graph), its other forwards stay eager:
+    what generate() does with `compile_config` for greedy search and sampling, done by hand for beam search (whose
+    loop in transformers 5.23/5.24 never calls the compiled forward). Returns the count of compiled calls."""
+    compiled, eager, calls = torch.compile(model.forward, fullgraph=True, dynamic=False), model.forward, [0]
+
+    @functools.wraps(eager)  # generate() reads the forward's signature
+    def forward(*args, **kwargs):
+        cache, ids = kwargs.get(CACHE_NAME), kwargs.get("input_ids")
+        if (
+            cache is not None
+            and cache.has_past
+            and ids is not None
+            and ids.shape[1] == 1
+            and not kwargs.get("prefill")
+        ):
+            calls[0] += 1
+            return compiled(*args, **kwargs)
+        return eager(*args, **kwargs)
+
+    model.forward = forward
+    return calls
+
+
+def test_compiled_decoding_equals_eager():
+    """generate() with `compile_config`, as a transformers user asks for it, gives eager decoding's tokens (inductor):
+    greedy, sampling with a seed, and per-row (a batch of one, each a graph of its own)."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = tiny_model()
     inputs = build_prompts(ROWS)
-    eager = run(model, mode, inputs, cache_implementation="static")
-    compiled_kwargs = {"compile_config": compile_config()}
-    compiled = run(model, mode, inputs, cache_implementation="static", **compiled_kwargs)
-    assert_same_generation(eager, compiled)
-    if mode != "greedy":
-        return
-    # Sampling (two sequences per row: a batch of 6, its own graph) draws the same tokens.
-    sampled = [run(model, "sample", inputs, cache_implementation="static", **kw) for kw in ({}, compiled_kwargs)]
-    assert_same_generation(*sampled)
+    compiled = {}
+    for mode in ("greedy", "sample"):  # sampling: two sequences per row, a batch of 6
+        eager = run(model, mode, inputs, cache_implementation="static")
+        compiled[mode] = run(model, mode, inputs, cache_implementation="static", compile_config=compile_config())
+        assert_same_generation(eager, compiled[mode])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per batch size, no recompilation
     prompt = inputs[0].shape[1]
     for row, ids, mask, pixels in list(rows_alone(*inputs, ROWS))[:1]:
         alone = generate(model, ids, mask, pixels, cache_implementation="static", compile_config=compile_config())
-        assert torch.equal(compiled.sequences[row, prompt:], alone.sequences[0, ids.shape[1] :])
-        assert (torch.stack(compiled.logits)[:, row] - torch.stack(alone.logits)[:, 0]).abs().max() <= 1e-5
+        assert torch.equal(compiled["greedy"].sequences[row, prompt:], alone.sequences[0, ids.shape[1] :])
+        assert (torch.stack(compiled["greedy"].logits)[:, row] - torch.stack(alone.logits)[:, 0]).abs().max() <= 1e-5
+
+
+def test_compiled_beam_search_equals_eager():
+    torch._dynamo.reset()
+    model = tiny_model()
+    inputs = build_prompts(ROWS)
+    eager = run(model, "beam", inputs, cache_implementation="static")
+    calls = compile_decoding_steps(model)
+    compiled = run(model, "beam", inputs, cache_implementation="static")
+    assert calls[0] == MODES["beam"]["max_new_tokens"] - 1  # every decoding step ran compiled
+    assert_same_generation(eager, compiled)
