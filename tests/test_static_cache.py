@@ -57,6 +57,26 @@ def test_static_cache_equals_dynamic_cache(attn_implementation, mode):
             torch.testing.assert_close(mine.keys[row, :, :length], other.keys[row, :, :length], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"prefill_chunk_size": 19},  # chunks after the first are multi-token forwards on a filled static cache
+        {"sparsity": False},
+        {"sparsity": {"vision_selector": "fastv"}},
+        {"output_attentions": True, "max_new_tokens": 5},  # weights mapped back from the buffers' fixed columns
+    ],
+)
+def test_static_cache_equals_dynamic_cache_with_options(options):
+    model = tiny_model("eager")
+    inputs = build_prompts(ROWS)
+    dynamic = generate(model, *inputs, **options)
+    static = generate(model, *inputs, cache_implementation="static", **options)
+    assert_same_generation(dynamic, static)
+    for ours, theirs in zip(static.get("attentions") or (), dynamic.get("attentions") or ()):
+        for mine, other in zip(ours, theirs):
+            torch.testing.assert_close(mine, other, rtol=0, atol=1e-6)
+
+
 def test_static_cache_batched_equals_per_row():
     model = tiny_model()
     inputs = build_prompts(ROWS)
@@ -86,11 +106,12 @@ def test_capacity_is_sized_once_for_the_worst_case():
     assert cache.allocated_kv_bytes() == len(cache.layers) * len(ROWS) * 128 * entry_bytes
 
 
-def test_a_second_turn_grows_a_passed_cache():
+@pytest.mark.parametrize("turn_tokens", [4, 0])  # 0: the next call's prefill is the one token not yet fed
+def test_a_second_turn_grows_a_passed_cache(turn_tokens):
     """A continuation passing the static cache back gets room for its own tokens, with the dynamic cache's result."""
     model = tiny_model()
     input_ids, attention_mask, pixel_values = build_prompts(ROWS)
-    second_turn = torch.tensor([[11, 12, 13, 14]] * len(ROWS))
+    second_turn = torch.tensor([[11, 12, 13, 14][:turn_tokens]] * len(ROWS), dtype=torch.long)
     results = []
     for implementation in (None, "static"):
         first = generate(model, input_ids, attention_mask, pixel_values, cache_implementation=implementation)

@@ -51,6 +51,7 @@ class StaticRowLengths(RowLengths):
     def __init__(self):
         self.stale = False
         self.capacity = 0  # columns of every buffer of the group (and of `positions`)
+        self.reserved_for = 0  # the cache's `max_cache_len` when `capacity` was last checked
         super().__init__()
 
     @property
@@ -124,6 +125,7 @@ class DynamicLlavaStaticLayer(DynamicLlavaLayer):
             return super().update(key_states, value_states, *args, **kwargs)
         # A decoding step: the token goes to its row's next free slot; attention reads all `capacity` columns under
         # the key mask (`slot <= length`), so the shapes never change.
+        self._ensure_capacity(self.rows.capacity)  # grown only where a one-token later turn reserved more
         slots = plan.slots.to(key_states.device)
         self.key_buffer.scatter_(2, slots.expand_as(key_states), key_states)
         self.value_buffer.scatter_(2, slots.expand_as(value_states), value_states)
@@ -207,8 +209,12 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         if rows.lengths is None:
             self._start(persist)
         batch, num_new = persist.shape
-        if num_new != 1 or not self.has_past or rows.lengths.shape[0] != batch:
+        if rows.lengths.shape[0] != batch:
+            return super().begin_step(group, persist, positions)  # refuses it
+        decoding = num_new == 1 and self.has_past
+        if not decoding or self.max_cache_len > rows.reserved_for:  # (a one-token later turn may need room too)
             self._reserve_for(rows, persist)
+        if not decoding:
             return super().begin_step(group, persist, positions)
         # A decoding step: nothing read on the host, every shape fixed by the capacity.
         slots = rows.lengths.view(batch, 1, 1, 1)
@@ -221,13 +227,12 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
     def _reserve_for(self, rows: StaticRowLengths, persist: torch.Tensor) -> None:
         """Before a multi-token forward (host synchronisations allowed): room for its writes, and for every token
         still to come up to `max_cache_len` on top of what the rows store after it."""
-        if rows.lengths.shape[0] != persist.shape[0]:
-            return  # begin_step refuses it
         num_new = persist.shape[1]
         stored_after = int((rows.lengths + persist.to(rows.lengths.device).sum(-1)).max())
         still_to_come = max(self.max_cache_len - (self.seen_tokens + num_new), 0)
         needed = max(rows.max_length + num_new, stored_after + still_to_come, 1)
         rows.reserve(-(-needed // self.capacity_step) * self.capacity_step)
+        rows.reserved_for = self.max_cache_len
 
     def end_step(self, num_new_tokens: int) -> None:
         """Advances the planned groups and the count of tokens seen, on the device only."""
