@@ -104,6 +104,8 @@ def test_capacity_is_sized_once_for_the_worst_case():
     layer = cache.layers[0]
     entry_bytes = 2 * layer.key_buffer.shape[1] * layer.key_buffer.shape[-1] * layer.key_buffer.element_size()
     assert cache.allocated_kv_bytes() == len(cache.layers) * len(ROWS) * 128 * entry_bytes
+    with pytest.raises(ValueError, match="max_cache_len"):
+        DynamicLlavaStaticCache(model.config)
 
 
 @pytest.mark.parametrize("turn_tokens", [4, 0])  # 0: the next call's prefill is the one token not yet fed

@@ -146,7 +146,9 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
     """`DynamicLlavaCache` in fixed-capacity buffers (see the module docstring): compileable decoding steps.
 
     `max_cache_len`: the most tokens (prompt + generated, padding included) the cache will see; `generate()` passes its
-    generation length. `capacity_step`: capacities are rounded up to a multiple of it.
+    generation length (and raises it when the cache is passed back). Decoding past it fails with an index error, as
+    with transformers' StaticCache: a decoding step cannot look at the lengths to grow the buffers. `capacity_step`:
+    capacities are rounded up to a multiple of it.
     """
 
     layer_class = DynamicLlavaStaticLayer
@@ -155,7 +157,7 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
     def __init__(
         self,
         config=None,
-        max_cache_len: int = 0,
+        max_cache_len: int | None = None,
         num_hidden_layers: int | None = None,
         sparse_layer: int | None = None,
         capacity_step: int = 64,
@@ -163,6 +165,10 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         self.seen = None  # LongTensor []: tokens seen, on the cache's device (`seen_tokens` reads it)
         self._has_past = False  # host-side, set by the first forward: nothing in a decoding step reads the count
         super().__init__(config, num_hidden_layers=num_hidden_layers, sparse_layer=sparse_layer)
+        if max_cache_len is None or max_cache_len < 1:
+            raise ValueError(
+                f"DynamicLlavaStaticCache needs max_cache_len >= 1 (prompt + new tokens), got {max_cache_len}"
+            )
         self.max_cache_len = max_cache_len
         self.capacity_step = capacity_step
 
@@ -189,7 +195,8 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         return True
 
     def reserve(self, max_cache_len: int) -> None:
-        """Makes room for `max_cache_len` tokens seen in all: applied by the next multi-token forward."""
+        """Makes room for `max_cache_len` tokens seen in all, from the next forward on (generate() calls it before
+        a later turn's prefill, where growing the buffers may synchronise)."""
         self.max_cache_len = max(self.max_cache_len, max_cache_len)
 
     def _start(self, persist: torch.Tensor) -> None:
