@@ -139,6 +139,7 @@ def test_the_decoding_step_is_one_graph_without_recompiles():
     """`torch.compile(model, fullgraph=True, dynamic=False)` of the forward: a graph break (host synchronisation,
     data-dependent control flow) would raise, and a shape or host value that changes per step would recompile."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = tiny_model()
     input_ids, attention_mask, pixel_values = build_prompts(ROWS)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
