@@ -93,7 +93,8 @@ class StaticRowLengths(RowLengths):
         new_positions = self.plan.positions
         if new_positions is None:
             new_positions = first_position + torch.arange(num_new, device=persist.device)
-        self.positions.scatter_(1, slots, new_positions.to(persist.device).expand(batch, -1))
+        rows = torch.arange(batch, device=slots.device)[:, None]
+        self.positions[rows, slots] = new_positions.to(persist.device).expand(batch, -1)  # in place (not scatter_)
         self.lengths.add_(persist.sum(-1))
         self.plan = None
         self.stale = True
@@ -126,9 +127,12 @@ class DynamicLlavaStaticLayer(DynamicLlavaLayer):
         # A decoding step: the token goes to its row's next free slot; attention reads all `capacity` columns under
         # the key mask (`slot <= length`), so the shapes never change.
         self._ensure_capacity(self.rows.capacity)  # grown only where a one-token later turn reserved more
-        slots = plan.slots.to(key_states.device)
-        self.key_buffer.scatter_(2, slots.expand_as(key_states), key_states)
-        self.value_buffer.scatter_(2, slots.expand_as(value_states), value_states)
+        # An indexed assignment, not `scatter_`: inductor updates the buffer in place for the former but copies the
+        # whole buffer for the latter (measured: ~120 ms per step for 470 MB of buffers on one CPU core).
+        slots = plan.slots.view(-1).to(key_states.device)
+        rows = torch.arange(slots.shape[0], device=slots.device)
+        self.key_buffer[rows, :, slots] = key_states[:, :, 0]
+        self.value_buffer[rows, :, slots] = value_states[:, :, 0]
         return self.key_buffer, self.value_buffer
 
     def select_rows(self, index: torch.Tensor) -> None:
@@ -236,7 +240,10 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         still to come up to `max_cache_len` on top of what the rows store after it."""
         num_new = persist.shape[1]
         stored_after = int((rows.lengths + persist.to(rows.lengths.device).sum(-1)).max())
-        still_to_come = max(self.max_cache_len - (self.seen_tokens + num_new), 0)
+        # Tokens this forward feeds: the first group's count (the later group's may be fewer, after pruning).
+        first_plan = self.groups[0].plan
+        fed = first_plan.persist.shape[1] if first_plan is not None else num_new
+        still_to_come = max(self.max_cache_len - (self.seen_tokens + fed), 0)
         needed = max(rows.max_length + num_new, stored_after + still_to_come, 1)
         rows.reserve(-(-needed // self.capacity_step) * self.capacity_step)
         rows.reserved_for = self.max_cache_len
