@@ -9,7 +9,8 @@ generated tokens the output-text predictor kept). The difference is the room aro
   stored entries after that forward plus every token still to come up to `max_cache_len` (all of them could be
   kept), rounded up to a multiple of `capacity_step` so that calls of similar lengths share a compiled step. Layers
   `< sparse_layer` therefore hold about prompt + new tokens, later layers kept prompt + new tokens. A multi-token
-  forward that needs more (a later chat turn) grows them; a decoding step never does (it cannot look at the lengths).
+  forward that needs more, or a later turn for which `generate()` raised `max_cache_len`, grows them (eagerly, before
+  its layers run); a decoding step of the current generation never does (it cannot look at the lengths).
 - A decoding step (one new token after a cached prefix) writes each row's token into the row's next free slot, lets
   attention read the whole buffer under a key mask built on the device from the per-row lengths (`slot <= length`:
   the stored entries and the token itself), and advances the lengths on the device by the keep decision. The lengths,
