@@ -8,8 +8,9 @@ key masks in the layers `>= sparse_layer`.
 
 The remote-code bundle, flat beside this file: `predictors_` (the three predictors), `sparsity_` (per-call settings,
 the step state, attention masks), `inference_` and `training_` (what is kept at `sparse_layer`), `cache_` (the ragged
-KV cache), `compat_` (what differs between transformers releases), `outputs_`, `generation_` (the `generate()` hooks)
-and `configuration_dynamic_llava.py`. Everything else is transformers' Llava.
+KV cache) and `static_cache_` (its fixed-capacity, compileable form), `compat_` (what differs between transformers
+releases), `outputs_`, `generation_` (the `generate()` hooks) and `configuration_dynamic_llava.py`. Everything else is
+transformers' Llava.
 """
 
 import torch
@@ -17,10 +18,7 @@ from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.llava.modeling_llava import (
-    LlavaMultiModalProjector,
-    LlavaPreTrainedModel,
-)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
 from transformers.utils import logging
 
 from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache, KeyLayout, cache_for_forward
@@ -60,7 +58,7 @@ REMOTE_CODE_AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
 }
 # That remote code: this file and every file it imports (flat: transformers copies them next to the weights).
-_BUNDLE = "configuration modeling cache predictors sparsity inference training compat outputs generation"
+_BUNDLE = "configuration modeling cache static_cache predictors sparsity inference training compat outputs generation"
 REMOTE_CODE_FILES = tuple(f"{name}_dynamic_llava.py" for name in _BUNDLE.split())
 
 
@@ -70,8 +68,8 @@ def _not_custom_code() -> bool:
 
 class DynamicLlavaPreTrainedModel(LlavaPreTrainedModel):
     config_class = DynamicLlavaConfig
-    # The ragged cache and the data-dependent pruning rule out static shapes, BlockMasks and external backends.
-    _can_compile_fullgraph = False
+    # Decoding steps with the fixed-capacity cache (cache_implementation="static") compile as one graph.
+    _can_compile_fullgraph = True
     _supports_flex_attn = False
     _supports_attention_backend = False
     # `_keep_in_fp32_modules` (set by the two models below): never weight-quantised, as every quantizer (bitsandbytes
@@ -245,8 +243,9 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         """The step state at the first decoder layer: padding mask, original positions and their RoPE."""
         if cache is not None:
             cache.check_fits(self.config, inputs_embeds.shape[0])
-        past_seen = cache.get_seq_length() if cache is not None else 0
-        if num_generated_tokens and past_seen > 0:
+        # Tokens seen: an int, or a tensor for the fixed-capacity cache (its decoding step reads nothing on the host).
+        past_seen, has_past = (cache.step_offset(), cache.has_past) if cache is not None else (0, False)
+        if num_generated_tokens and has_past:
             raise ValueError("num_generated_tokens is for decoding without a cache; with a cache pass only new tokens")
         batch, num_new = inputs_embeds.shape[:2]
         device = inputs_embeds.device
@@ -254,17 +253,18 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < num_new:
                 raise ValueError(
                     f"attention_mask must be a 2D padding mask [batch, past + new tokens] = [{batch}, "
-                    f"{past_seen + num_new}], got {list(attention_mask.shape)}"
+                    f"{int(past_seen) + num_new}], got {list(attention_mask.shape)}"
                 )
             valid = attention_mask[:, -num_new:].to(device=device, dtype=torch.bool)
         else:
             valid = torch.ones(batch, num_new, dtype=torch.bool, device=device)
         if position_ids is None:
-            position_ids = torch.arange(past_seen, past_seen + num_new, device=device)[None]
+            position_ids = (past_seen + torch.arange(num_new, device=device))[None]
         position_ids = position_ids.to(device).expand(batch, num_new)
         return DecoderStep(
             valid=valid,
             past_seen=past_seen,
+            has_past=has_past,
             num_generated_tokens=num_generated_tokens,
             prefill=prefill,
             hidden_states=inputs_embeds,
