@@ -51,7 +51,7 @@ class DynamicLlavaPreTrainedModel(LlavaPreTrainedModel):
             del self.is_custom_code
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # `_auto_class` (set in modeling_dynamic_llava.py) makes transformers copy the model's file, its relative imports
-        # and the config file next to the weights; the full auto_map makes every Auto class resolve them.
+        # `_auto_class` (set in modeling_dynamic_llava.py) makes transformers copy the model's file, its relative
+        # imports and the config file next to the weights; the full auto_map makes every Auto class resolve them.
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **REMOTE_CODE_AUTO_MAP}
         return super().save_pretrained(save_directory, *args, **kwargs)
