@@ -52,11 +52,15 @@ def main(output_path: str) -> None:
         with open(output_path, "w") as file:
             wrapper = type(trainer.model_wrapped).__name__  # DistributedDataParallel under torchrun
             json.dump({"world_size": world_size, "wrapper": wrapper, "losses": losses}, file)
-    # Tear the gloo group down before exit: left to the interpreter's shutdown, its threads can be destroyed while
-    # still joinable ("terminate called without an active exception", SIGABRT), which a loaded 2-core CI machine hit.
+    # Leave without the interpreter's teardown: there, gloo's threads can be destroyed while still joinable ("terminate
+    # called without an active exception", SIGABRT; seen on a loaded 2-core CI machine), and an explicit
+    # destroy_process_group() can wait forever for a peer that already left (seen here). The barrier makes sure both
+    # ranks are done (and rank 0 has written its file) before either exits.
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
