@@ -37,8 +37,8 @@ BENCH_ARGS = [
     "0.6",
     "1.0",
     "--no-progress",
-    # The compiled baseline through generate's compile path, traced by dynamo but not lowered by inductor (whose C++
-    # compilation would take a minute here): the fields are under test, not the speed.
+    # The compiled runs (Llava's and ours) through generate's compile path, traced by dynamo but not lowered by
+    # inductor (whose C++ compilation would take a minute here): the fields are under test, not the speed.
     "--compile-backend",
     "eager",
 ]
@@ -107,6 +107,22 @@ def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
         # A static cache holds room for the whole generation: at least the dense amount.
         for kind in ("static", "compiled"):
             assert row["baselines"][kind]["kv_bytes"] >= base["kv_bytes"]
+        # Ours with the fixed-capacity cache, eager and compiled: the dynamic cache's tokens, room for every token.
+        assert set(row["our_modes"]) == {"static", "compiled"}
+        for side in row["our_modes"].values():
+            assert side["same_tokens_as_dynamic_cache"] is True
+            assert side["ms_per_token"] > 0 and side["tokens_per_s"] > 0
+            assert isinstance(side["peak_memory_bytes"], int) and side["peak_memory_bytes"] >= 0
+            assert side["allocated_kv_bytes"] >= ours["dense_kv_bytes"] > ours["stored_kv_bytes"]
+            assert (
+                set(side["ms_per_token_ratio_vs"])
+                == set(side["peak_memory_ratio_vs"])
+                == {
+                    "default",
+                    "static",
+                    "compiled",
+                }
+            )
         assert isinstance(ours["peak_memory_bytes"], int)
 
     assert [row["new_tokens"] for row in results["no_cache_decode_flops"]] == [6]
@@ -124,13 +140,14 @@ def test_bench_writes_json_markdown_and_plot(bench_run, capsys):
         ("### Decoding", 2),
         ("### Analytic FLOPs", 2),
         ("### Prefill keep-rate", 3),
-        ("### Decoding against", 2 * 4),  # per point: three baselines and ours
+        ("### Decoding against", 2 * 6),  # per point: three baselines and ours with three caches
     ):
         section = out.split(title, 1)[1].split("###", 1)[0]
         table = [line for line in section.splitlines() if line.startswith("| ")]
         assert len(table) == 1 + rows, section
     assert "No GPU figures" in out
-    assert "Llava, static cache + compile" in out
+    assert "Llava, static cache + compile" in out and "Dynamic-LLaVA, static cache + compile" in out
+    assert out.count("Dynamic-LLaVA static cache + compile ÷ Llava static cache + compile") == 2
 
 
 def test_bench_refuses_to_overwrite(bench_run, capsys):

@@ -38,7 +38,7 @@ from dynamic_llava_hf import (
 )
 from dynamic_llava_hf.cli import main
 from dynamic_llava_hf.convert import model_card_template, verify_saved_weights, writer
-from dynamic_llava_hf.modeling_dynamic_llava import REMOTE_CODE_FILES
+from dynamic_llava_hf.pretrained_dynamic_llava import REMOTE_CODE_FILES
 from dynamic_llava_hf.reference_check import REFERENCE_SCENARIOS
 from tolerances import CONVERTED_LOGITS, FP32_SAME_MATH
 

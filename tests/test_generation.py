@@ -182,8 +182,6 @@ def test_unsupported_caches_and_assisted_decoding_are_refused():
     model = tiny_model()
     input_ids, attention_mask, pixel_values = build_prompts(ROWS)
     with pytest.raises(ValueError, match="cache_implementation"):
-        generate(model, input_ids, attention_mask, pixel_values, cache_implementation="static")
-    with pytest.raises(ValueError, match="cache_implementation"):
         generate(model, input_ids, attention_mask, pixel_values, cache_implementation="quantized")
     static = StaticCache(config=model.config.text_config, max_cache_len=64)
     with pytest.raises(TypeError, match="DynamicLlavaCache"):

@@ -19,7 +19,7 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module, get
 
 import dynamic_llava_hf
 from dynamic_llava_hf import DynamicLlavaCache, DynamicLlavaForConditionalGeneration
-from dynamic_llava_hf.modeling_dynamic_llava import REMOTE_CODE_FILES
+from dynamic_llava_hf.pretrained_dynamic_llava import REMOTE_CODE_FILES
 from tolerances import FP32_SAME_MATH
 
 

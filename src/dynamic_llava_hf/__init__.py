@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from .cache_dynamic_llava import DynamicLlavaCache
+from .static_cache_dynamic_llava import DynamicLlavaStaticCache
 from .configuration_dynamic_llava import DynamicLlavaConfig
 from .modeling_dynamic_llava import (
     DynamicLlavaCausalLMOutputWithPast,
@@ -51,6 +52,7 @@ __all__ = [
     "CheckpointError",
     "ConversionResult",
     "DynamicLlavaCache",
+    "DynamicLlavaStaticCache",
     "DynamicLlavaCausalLMOutputWithPast",
     "DynamicLlavaConfig",
     "DynamicLlavaForConditionalGeneration",

@@ -275,6 +275,9 @@ class DynamicLlavaCache(Cache):
     entries actually stored per layer and row, and `sparsity_report()` summarises what was kept.
     """
 
+    layer_class = DynamicLlavaLayer  # the fixed-capacity subclass (static_cache_dynamic_llava.py) swaps both
+    rows_class = RowLengths
+
     def __init__(self, config=None, num_hidden_layers: int | None = None, sparse_layer: int | None = None):
         if config is not None:
             num_hidden_layers = config.get_text_config(decoder=True).num_hidden_layers
@@ -284,9 +287,9 @@ class DynamicLlavaCache(Cache):
         if not 0 < sparse_layer < num_hidden_layers:
             raise ValueError(f"sparse_layer must be in [1, {num_hidden_layers}), got {sparse_layer}")
         self.sparse_layer = sparse_layer
-        self.groups = (RowLengths(), RowLengths())
+        self.groups = (self.rows_class(), self.rows_class())
         layers = [
-            DynamicLlavaLayer(self.groups[FULL_GROUP if i < sparse_layer else SPARSE_GROUP])
+            self.layer_class(self.groups[FULL_GROUP if i < sparse_layer else SPARSE_GROUP])
             for i in range(num_hidden_layers)
         ]
         super().__init__(layers=layers)
@@ -368,6 +371,16 @@ class DynamicLlavaCache(Cache):
     # Cache API
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    @property
+    def has_past(self) -> bool:
+        """Whether any token was seen (then a one-token forward decodes in place)."""
+        return self.seen_tokens > 0
+
+    def step_offset(self) -> int:
+        """Tokens seen, as the model offsets the current tokens' input positions by it (the fixed-capacity cache
+        returns a device tensor, so that a decoding step reads nothing on the host)."""
         return self.seen_tokens
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
@@ -500,8 +513,9 @@ def cache_for_forward(past_key_values, config, use_cache: bool) -> DynamicLlavaC
         return DynamicLlavaCache(config)
     raise TypeError(
         f"Dynamic-LLaVA needs a DynamicLlavaCache (it stores a different set of tokens per layer and row), got "
-        f"{type(past_key_values).__name__}. Static, quantized and offloaded caches are not supported; pass no "
-        "cache or an empty DynamicCache and one is created."
+        f"{type(past_key_values).__name__}. transformers' static, quantized and offloaded caches are not supported; "
+        "pass no cache or an empty DynamicCache and one is created (or ask generate() for "
+        'cache_implementation="static": DynamicLlavaStaticCache, fixed-capacity and compileable).'
     )
 
 

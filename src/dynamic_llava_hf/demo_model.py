@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from .configuration_dynamic_llava import DynamicLlavaConfig
-from .modeling_dynamic_llava import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_FILES
+from .pretrained_dynamic_llava import REMOTE_CODE_AUTO_MAP, REMOTE_CODE_FILES
 from .processing import VICUNA_V1_SYSTEM_MESSAGE, add_llava_special_tokens, build_processor, padded_vocab_size
 from .synthetic import IMAGE_SIZE, PATCH_SIZE, corpus_texts
 

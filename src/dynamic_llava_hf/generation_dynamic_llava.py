@@ -1,4 +1,5 @@
-"""How Dynamic-LLaVA plugs into `generate()`: its own cache, prefill marked as prompt, what it refuses up front."""
+"""How Dynamic-LLaVA plugs into `generate()`: its own caches (the dynamic default, or the fixed-capacity one for
+`cache_implementation="static"`), prefill marked as prompt, what it refuses up front."""
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -6,6 +7,7 @@ from transformers.generation import GenerationMode
 
 from .cache_dynamic_llava import DynamicLlavaCache
 from .compat_dynamic_llava import CACHE_NAME
+from .static_cache_dynamic_llava import DynamicLlavaStaticCache
 from .sparsity_dynamic_llava import SparsitySettings, resolve_sparsity
 
 
@@ -15,16 +17,37 @@ class DynamicLlavaGenerationMixin:
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
         if generation_mode == GenerationMode.ASSISTED_GENERATION:
             self.check_assisted_decoding(resolve_sparsity(self.model, model_kwargs.get("sparsity")))
+        # generate()'s own estimate of the tokens the cache will see (prompt + new tokens).
+        max_cache_length = kwargs.get("max_cache_length", args[1] if len(args) > 1 else 0)
+        if generation_config.max_cache_len is not None:
+            max_cache_length = max(max_cache_length, generation_config.max_cache_len)
+        user_cache = model_kwargs.get(CACHE_NAME)
+        if generation_config.cache_implementation == "static":
+            if user_cache is not None:
+                raise ValueError("Pass either a cache or cache_implementation, not both")
+            if generation_config.use_cache is not False:
+                model_kwargs[CACHE_NAME] = DynamicLlavaStaticCache(self.config, max_cache_len=max_cache_length)
+            return
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported by Dynamic-LLaVA, "
-                "which needs its own DynamicLlavaCache (a different set of tokens per layer and row); leave "
-                "cache_implementation unset."
+                "which needs its own cache (a different set of tokens per layer and row): leave cache_implementation "
+                'unset (the memory-saving DynamicLlavaCache) or pass "static" (fixed-capacity, compileable).'
             )
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
         cache = model_kwargs.get(CACHE_NAME)
         if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
             model_kwargs[CACHE_NAME] = DynamicLlavaCache(self.config)
+        elif hasattr(cache, "reserve"):  # a fixed-capacity cache passed back: room for this call's tokens too
+            cache.reserve(max_cache_length)
+
+    def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, *args, **kwargs):
+        """What `generate()` passes as the attention mask with a compileable cache: the current tokens' columns of the
+        2D padding mask, which is all the model reads (it builds its masks from the cache), so that a decoding step's
+        inputs keep their shape instead of growing by one column per step."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            return attention_mask
+        return attention_mask[:, -inputs_embeds.shape[1] :]
 
     @staticmethod
     def check_assisted_decoding(settings: SparsitySettings) -> None:

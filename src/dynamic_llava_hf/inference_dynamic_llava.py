@@ -99,7 +99,7 @@ class InferenceDecisionsMixin:
         columns = torch.arange(step.num_new, device=step.valid.device)
         prompt_end = step.num_new - step.num_generated_tokens
         text = step.valid & ~step.image_mask & (columns < prompt_end - 1)
-        if step.past_seen > 0:
+        if step.has_past:
             # A later turn: its tokens see each other now; only the kept ones are stored.
             plan.skip_storing(text & ~instruct_keep)
         else:
@@ -111,7 +111,7 @@ class InferenceDecisionsMixin:
     def gate_output_text(self, plan: SparseLayerPlan, step: DecoderStep) -> None:
         """Keeps a generated token's K/V for later steps iff the output-text predictor says so."""
         output_keep = keep_decision(self.output_text_score_predictor(step.hidden_states))
-        if step.past_seen > 0:
+        if step.has_past:
             # Decoding with a cache: the new token sees itself now and is stored only if kept.
             plan.skip_storing(~output_keep)
             plan.output_keep_decisions = output_keep

@@ -8,8 +8,10 @@ key masks in the layers `>= sparse_layer`.
 
 The remote-code bundle, flat beside this file: `predictors_` (the three predictors), `sparsity_` (per-call settings,
 the step state, attention masks), `inference_` and `training_` (what is kept at `sparse_layer`), `cache_` (the ragged
-KV cache), `compat_` (what differs between transformers releases), `outputs_`, `generation_` (the `generate()` hooks)
-and `configuration_dynamic_llava.py`. Everything else is transformers' Llava.
+KV cache) and `static_cache_` (its fixed-capacity, compileable form), `compat_` (what differs between transformers
+releases), `outputs_`, `generation_` (the `generate()` hooks), `pretrained_` (the
+base class: flags, weight initialisation, remote-code saving) and `configuration_dynamic_llava.py`. Everything else is
+transformers' Llava.
 """
 
 import torch
@@ -17,10 +19,7 @@ from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.llava.modeling_llava import (
-    LlavaMultiModalProjector,
-    LlavaPreTrainedModel,
-)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, LlavaPreTrainedModel
 from transformers.utils import logging
 
 from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache, KeyLayout, cache_for_forward
@@ -30,6 +29,7 @@ from .generation_dynamic_llava import DynamicLlavaGenerationMixin
 from .inference_dynamic_llava import InferenceDecisionsMixin
 from .outputs_dynamic_llava import DynamicLlavaCausalLMOutputWithPast, DynamicLlavaModelOutputWithPast
 from .predictors_dynamic_llava import DynamicLlavaImagePredictor, DynamicLlavaTextPredictor
+from .pretrained_dynamic_llava import DynamicLlavaPreTrainedModel
 from .sparsity_dynamic_llava import (
     DecoderStep,
     SparseLayerPlan,
@@ -50,38 +50,6 @@ logger = logging.get_logger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
-
-
-# What a saved folder's config.json names as remote code, so it loads with `trust_remote_code=True` where this package
-# is not installed. transformers only writes the entry of the class being saved, so all of them are set explicitly.
-REMOTE_CODE_AUTO_MAP = {
-    "AutoConfig": "configuration_dynamic_llava.DynamicLlavaConfig",
-    "AutoModel": "modeling_dynamic_llava.DynamicLlavaModel",
-    "AutoModelForImageTextToText": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
-}
-# That remote code: this file and every file it imports (flat: transformers copies them next to the weights).
-_BUNDLE = "configuration modeling cache predictors sparsity inference training compat outputs generation"
-REMOTE_CODE_FILES = tuple(f"{name}_dynamic_llava.py" for name in _BUNDLE.split())
-
-
-class DynamicLlavaPreTrainedModel(LlavaPreTrainedModel):
-    config_class = DynamicLlavaConfig
-    # The ragged cache and the data-dependent pruning rule out static shapes, BlockMasks and external backends.
-    _can_compile_fullgraph = False
-    _supports_flex_attn = False
-    _supports_attention_backend = False
-    # `_keep_in_fp32_modules` (set by the two models below): never weight-quantised, as every quantizer (bitsandbytes
-    # 8/4-bit, torchao, ...) adds these to its `modules_to_not_convert`, even when the user passes their own skip
-    # list. The predictors' keep/drop decisions compare two close logits, and the vision tower and projector are small
-    # next to the decoder. transformers also keeps them in float32 when a model is loaded in float16 (not bfloat16).
-    # Quantizers match these names from the start of a module's path, so each model names its own paths, and only
-    # the predictors it built.
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        # `_auto_class` (set below) makes transformers copy this file, its relative imports and the config file next
-        # to the weights; the full auto_map makes every Auto class resolve them.
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **REMOTE_CODE_AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, DynamicLlavaPreTrainedModel, LlavaModel):
@@ -226,8 +194,9 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         """The step state at the first decoder layer: padding mask, original positions and their RoPE."""
         if cache is not None:
             cache.check_fits(self.config, inputs_embeds.shape[0])
-        past_seen = cache.get_seq_length() if cache is not None else 0
-        if num_generated_tokens and past_seen > 0:
+        # Tokens seen: an int, or a tensor for the fixed-capacity cache (its decoding step reads nothing on the host).
+        past_seen, has_past = (cache.step_offset(), cache.has_past) if cache is not None else (0, False)
+        if num_generated_tokens and has_past:
             raise ValueError("num_generated_tokens is for decoding without a cache; with a cache pass only new tokens")
         batch, num_new = inputs_embeds.shape[:2]
         device = inputs_embeds.device
@@ -235,17 +204,18 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < num_new:
                 raise ValueError(
                     f"attention_mask must be a 2D padding mask [batch, past + new tokens] = [{batch}, "
-                    f"{past_seen + num_new}], got {list(attention_mask.shape)}"
+                    f"{int(past_seen) + num_new}], got {list(attention_mask.shape)}"
                 )
             valid = attention_mask[:, -num_new:].to(device=device, dtype=torch.bool)
         else:
             valid = torch.ones(batch, num_new, dtype=torch.bool, device=device)
         if position_ids is None:
-            position_ids = torch.arange(past_seen, past_seen + num_new, device=device)[None]
+            position_ids = (past_seen + torch.arange(num_new, device=device))[None]
         position_ids = position_ids.to(device).expand(batch, num_new)
         return DecoderStep(
             valid=valid,
             past_seen=past_seen,
+            has_past=has_past,
             num_generated_tokens=num_generated_tokens,
             prefill=prefill,
             hidden_states=inputs_embeds,
@@ -346,9 +316,14 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             if step.all_attentions is not None:
                 hook = layer.self_attn.register_forward_hook(lambda module, args, output: weights.append(output[1]))
             try:
+                # The mask goes in positionally, as the hidden states do: in training it carries the predictors'
+                # soft keep decisions (it requires grad), and reentrant gradient checkpointing
+                # (`use_reentrant=True`) only routes gradients through positional inputs. As a keyword it was replayed
+                # inside the checkpoint's backward, which then ran into the predictors' graph once per layer
+                # ("Trying to backward through the graph a second time").
                 step.hidden_states = layer(
                     step.hidden_states,
-                    attention_mask=mask,
+                    mask,
                     position_embeddings=step.position_embeddings,
                     **{CACHE_NAME: cache},
                     **kwargs,

@@ -38,12 +38,16 @@ class SparsitySettings:
     def __post_init__(self):
         # The same checks as the config's fields: a per-call {"use_vision_predictor": "no"} is an error, not a truthy
         # string, and numpy/0-d tensor rates become floats.
-        for item in dataclasses.fields(self):
-            object.__setattr__(self, item.name, FIELD_CHECKS[item.name](item.name, getattr(self, item.name)))
+        for name in SETTING_NAMES:
+            object.__setattr__(self, name, FIELD_CHECKS[name](name, getattr(self, name)))
 
     @classmethod
     def from_config(cls, config) -> "SparsitySettings":
-        return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)})
+        return cls(**{name: getattr(config, name) for name in SETTING_NAMES})
+
+    def replace(self, **changes) -> "SparsitySettings":
+        """A copy with `changes` (`dataclasses.replace`, in a form `torch.compile` traces)."""
+        return SparsitySettings(**{**{name: getattr(self, name) for name in SETTING_NAMES}, **changes})
 
     @classmethod
     def off(cls) -> "SparsitySettings":
@@ -54,6 +58,10 @@ class SparsitySettings:
         return self.use_vision_predictor or self.use_output_text_predictor or self.use_instruct_predictor
 
 
+# The field names, read once here: `dataclasses.fields` cannot run inside a compiled forward.
+SETTING_NAMES = tuple(item.name for item in dataclasses.fields(SparsitySettings))
+
+
 def default_settings(model) -> SparsitySettings:
     """What a call without `sparsity=` runs: the config's settings, except that while the learned predictors are
     untrained (`config.predictors_trained=False`) an inference call leaves them out, so it equals plain LLaVA (a
@@ -61,8 +69,7 @@ def default_settings(model) -> SparsitySettings:
     settings = SparsitySettings.from_config(model.config)
     if model.config.predictors_trained or model.training:
         return settings
-    return dataclasses.replace(
-        settings,
+    return settings.replace(
         use_vision_predictor=settings.use_vision_predictor and settings.vision_selector != "learned",
         use_output_text_predictor=False,
         use_instruct_predictor=False,
@@ -85,11 +92,11 @@ def resolve_sparsity(model, sparsity) -> SparsitySettings:
     elif isinstance(sparsity, SparsitySettings):
         settings = sparsity
     elif isinstance(sparsity, dict):
-        known = {field.name for field in dataclasses.fields(SparsitySettings)}
+        known = set(SETTING_NAMES)
         unknown = set(sparsity) - known
         if unknown:
             raise ValueError(f"Unknown sparsity setting(s) {sorted(unknown)}; valid ones are {sorted(known)}")
-        settings = dataclasses.replace(default_settings(model), **sparsity)
+        settings = default_settings(model).replace(**sparsity)
     else:
         raise TypeError(
             f"sparsity must be None, True, False, a dict or a SparsitySettings, got {type(sparsity).__name__}"
@@ -195,7 +202,7 @@ class DecoderStep:
     """
 
     valid: torch.Tensor
-    past_seen: int
+    past_seen: "int | torch.Tensor"
     num_generated_tokens: int
     hidden_states: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -206,6 +213,7 @@ class DecoderStep:
     all_attentions: list[torch.Tensor] | None = None
     gather_index: torch.Tensor | None = None
     prefill: bool = False
+    has_past: bool = False  # the cache holds tokens (`past_seen > 0`, known on the host)
     split_images: bool = False  # the input holds only part of some image (a prefill chunk cut through it)
     visible: torch.Tensor = field(init=False)
     persist: torch.Tensor = field(init=False)
@@ -222,7 +230,7 @@ class DecoderStep:
     @property
     def decoding(self) -> bool:
         """One new generated token after a cached prefix."""
-        return self.num_new == 1 and self.past_seen > 0 and not self.prefill
+        return self.num_new == 1 and self.has_past and not self.prefill
 
     @property
     def prompt(self) -> torch.Tensor:
@@ -269,7 +277,7 @@ class DecoderStep:
         group's attention reads in this step, as laid out by `layout`; `past_seen + num_new` (one past the last) for
         keys that stand for no token (a ragged row's unused columns, slots of removed tokens)."""
         batch, device = self.valid.shape[0], self.valid.device
-        nowhere = self.past_seen + self.num_new
+        nowhere = int(self.past_seen) + self.num_new
         current = self.slot_positions()
         if current is None:
             current = self.past_seen + torch.arange(self.num_new, device=device)[None].expand(batch, -1)
@@ -290,7 +298,13 @@ class DecoderStep:
         the input positions, `[batch, heads, new_tokens, past + new_tokens]`: zeros for removed queries and for keys
         that were removed or are not stored."""
         batch, heads, _, num_keys = weights.shape
-        total = self.past_seen + self.num_new
+        total = int(self.past_seen) + self.num_new
+        in_place = torch.arange(total, device=key_positions.device).expand(batch, -1)
+        if self.gather_index is None and num_keys == total and torch.equal(key_positions, in_place):
+            # Every query and every key is at its input position (nothing removed, padded or left out of the cache):
+            # the weights as attention computed them, the same tensor, so that gradients reach it (as in Llava).
+            self.all_attentions.append(weights)
+            return
         index = key_positions[:, None, None, :].expand(batch, heads, weights.shape[2], num_keys)
         # One spare column receives the keys that stand for no token; it is cut off.
         by_key = weights.new_zeros(batch, heads, weights.shape[2], total + 1).scatter_(-1, index, weights)[..., :total]

@@ -413,7 +413,14 @@ def add_bench_command(commands) -> None:
         help="transformers Llava variants measured besides its default cache: static (cache_implementation="
         "'static') and compiled (static cache + compile_config); default both",
     )
-    bench.add_argument("--compile-backend", help="torch.compile backend of the compiled baseline (default inductor)")
+    bench.add_argument(
+        "--our-modes",
+        nargs="*",
+        choices=("static", "compiled"),
+        help="Dynamic-LLaVA variants measured besides its default cache: static (cache_implementation='static', "
+        "fixed-capacity) and compiled (that cache + compile_config); default both",
+    )
+    bench.add_argument("--compile-backend", help="torch.compile backend of the compiled runs (default inductor)")
     bench.add_argument(
         "--compile-dynamic",
         action=argparse.BooleanOptionalAction,
@@ -451,6 +458,7 @@ BENCH_SETTINGS = (
     "seed",
     "threads",
     "baselines",
+    "our_modes",
     "compile_backend",
     "compile_dynamic",
 )

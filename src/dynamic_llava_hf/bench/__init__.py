@@ -1,8 +1,8 @@
 """`dynamic-llava bench`: presets and settings (`presets.py`), measurements (`measure.py`, timed by `timing.py`), the
-report (`report.py`) and the analytic FLOP counts they are compared with (`flops.py`)."""
+report (`report.py`) and the analytic FLOP counts they are compared with (`flops.py`, assembled by `analytic.py`)."""
 
+from .analytic import analytic_results
 from .measure import (
-    analytic_results,
     baseline_llava,
     build_models,
     calibrate_output_text_predictor,

@@ -40,17 +40,8 @@ from transformers import (
 )
 
 from ..compat_dynamic_llava import CACHE_NAME
-from ..configuration_dynamic_llava import DynamicLlavaConfig
-from .flops import (
-    ModelShape,
-    cached_decode_flops,
-    cached_decode_kv_read_bytes,
-    no_cache_decode_flops,
-    paper_no_cache_decode_flops,
-    paper_prefill_flops,
-    prefill_flops,
-    total_flops,
-)
+from .analytic import analytic_no_cache_decode, analytic_prefill, baseline_config, ratio
+from .flops import ModelShape, cached_decode_flops, cached_decode_kv_read_bytes, total_flops
 from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from ..utils import progress_bar
 from .presets import PRESETS, BenchPreset, BenchSettings, resolve_device_and_dtype
@@ -239,10 +230,6 @@ def parameter_bytes(module: torch.nn.Module | None) -> int:
 # The benchmark
 
 
-def ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator else None
-
-
 def environment(device: torch.device, dtype: torch.dtype, attn_implementation: str) -> dict:
     import transformers
 
@@ -276,80 +263,6 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):  # not available on every platform
         return None
-
-
-def analytic_prefill(shape: ModelShape, base_shape: ModelShape, preset: BenchPreset, keep_rate: float, batch: int):
-    kept = shape.kept_image_tokens(keep_rate)
-    exact_ours = total_flops(
-        prefill_flops(shape, preset.num_text_tokens, vision_keep_rate=keep_rate, batch_size=batch)
-    )
-    exact_base = total_flops(prefill_flops(base_shape, preset.num_text_tokens, batch_size=batch))
-    paper = [
-        paper_prefill_flops(shape.hidden_size, shape.num_layers, shape.image_tokens, k, shape.sparse_layer) * batch
-        for k in (kept, None)
-    ]
-    return {
-        "kept_image_tokens": kept,
-        "image_tokens": shape.image_tokens,
-        "exact": {"ours": exact_ours, "baseline": exact_base, "ratio": ratio(exact_ours, exact_base)},
-        "paper": {"ours": paper[0], "baseline": paper[1], "ratio": ratio(paper[0], paper[1])},
-    }
-
-
-def analytic_no_cache_decode(
-    shape: ModelShape, base_shape: ModelShape, preset: BenchPreset, keep_rate: float, output_keep_rate: float, tokens
-):
-    kept = shape.kept_image_tokens(keep_rate)
-    exact_ours = total_flops(
-        no_cache_decode_flops(
-            shape, preset.num_text_tokens, tokens, vision_keep_rate=keep_rate, output_keep_rate=output_keep_rate
-        )
-    )
-    exact_base = total_flops(no_cache_decode_flops(base_shape, preset.num_text_tokens, tokens))
-    args = (shape.hidden_size, shape.num_layers, shape.image_tokens, tokens)
-    paper_ours = paper_no_cache_decode_flops(*args, kept, output_keep_rate, shape.sparse_layer)
-    paper_base = paper_no_cache_decode_flops(*args, sparse_layer=shape.sparse_layer)
-    return {
-        "new_tokens": tokens,
-        "output_keep_rate": output_keep_rate,
-        "exact": {"ours": exact_ours, "baseline": exact_base, "ratio": ratio(exact_ours, exact_base)},
-        "paper": {"ours": paper_ours, "baseline": paper_base, "ratio": ratio(paper_ours, paper_base)},
-    }
-
-
-def analytic_results(settings: BenchSettings) -> dict:
-    """The FLOPs part alone, from the preset's shapes (no weights are built): works for every preset anywhere."""
-    settings.validate()
-    preset = PRESETS[settings.preset]
-    config = preset.config(settings.vision_keep_rate)
-    shape = ModelShape.from_config(config)
-    base_shape = ModelShape.from_config(baseline_config(config))
-    keep_rate = config.vision_keep_rate
-    new_tokens = settings.new_tokens or preset.cuda_new_tokens
-    return {
-        "preset": preset.name,
-        "description": preset.description,
-        "vision_keep_rate": keep_rate,
-        "analytic_only": True,
-        "prefill_flops": analytic_prefill(shape, base_shape, preset, keep_rate, 1),
-        "no_cache_decode_flops": [
-            analytic_no_cache_decode(shape, base_shape, preset, keep_rate, settings.output_keep_rate, tokens)
-            for tokens in new_tokens
-        ],
-    }
-
-
-def baseline_config(config: DynamicLlavaConfig) -> DynamicLlavaConfig:
-    """The same shapes without predictors, for the baseline's FLOPs."""
-    return DynamicLlavaConfig(
-        text_config=config.text_config.to_dict(),
-        vision_config=config.vision_config.to_dict(),
-        image_token_index=config.image_token_id,
-        image_seq_length=config.image_seq_length,
-        sparse_layer=config.sparse_layer,
-        use_vision_predictor=False,
-        use_output_text_predictor=False,
-    )
 
 
 def run_benchmark(settings: BenchSettings) -> dict:
@@ -387,12 +300,13 @@ def run_benchmark(settings: BenchSettings) -> dict:
     }
     models = (model, baseline, preset, shape, base_shape)
     runs_per_point = 2 * (settings.warmup + settings.repeats)  # both models
-    # Steps per decoding point: ours' calibration run, the baselines' warm-ups (the compiled one at full length: its
-    # graph depends on the static cache's length), then the timed runs of every model.
-    sides = 2 + len(settings.baselines)
-    warmups = WARMUP_TOKENS * (1 + ("static" in settings.baselines))
+    # Steps per decoding point: ours' calibration run, the warm-ups (a compiled one at full length: its graph depends
+    # on the static cache's length), then the timed runs of every side.
+    kinds = [*settings.baselines, *settings.our_modes]
+    sides = 2 + len(kinds)
+    warmups = WARMUP_TOKENS * (1 + kinds.count("static"))
     decode_steps = sum(
-        tokens * (1 + ("compiled" in settings.baselines)) + warmups + sides * settings.decode_repeats * tokens
+        tokens * (1 + kinds.count("compiled")) + warmups + sides * settings.decode_repeats * tokens
         for _, tokens in decode_grid
     )
     with torch.inference_mode():
@@ -471,6 +385,41 @@ def measure_prefill(
     }
 
 
+def warm_up(model, baseline, inputs, tokens, settings, preset, tick) -> dict:
+    """The generate() calls of a decoding point, by side: (model, generate kwargs). Each is run untimed first: a
+    compiled one at full length (compiling for this batch and cache length), the others for a few tokens."""
+    device = model.device
+    # generate() sizes a static cache for the longest generation the model ever ran (to spare recompilations); each
+    # point measures one sized for its own length.
+    vars(baseline).pop("_previous_max_cache_length", None)
+    compiled = "compiled" in settings.baselines or "compiled" in settings.our_modes
+    if compiled and not compile_dynamic(settings, preset):
+        torch._dynamo.reset()  # fresh static-shape graphs per point, not a pile of recompilations
+    candidates = {"ours": (model, {})}
+    sides = [(kind, baseline, kind) for kind in ("default", *settings.baselines)]
+    sides += [(f"ours_{kind}", model, kind) for kind in settings.our_modes]
+    for side, candidate, kind in sides:
+        kwargs = baseline_generate_kwargs(kind, settings, preset, device)
+        candidates[side] = (candidate, kwargs)
+        generate(candidate, inputs, tokens if kind == "compiled" else WARMUP_TOKENS, on_step=tick, **kwargs)
+    return candidates
+
+
+def compare_our_modes(our_modes: dict, runs: dict, llava_sides: dict) -> None:
+    """Completes the summaries of our fixed-capacity modes: allocated KV bytes, whether they generated the dynamic
+    cache's tokens (they should: the same computation), and ratios against every Llava side."""
+    for kind, side in our_modes.items():
+        side["allocated_kv_bytes"] = side.pop("kv_bytes")
+        side["same_tokens_as_dynamic_cache"] = torch.equal(
+            runs[f"ours_{kind}"][-1]["sequences"], runs["ours"][-1]["sequences"]
+        )
+        for name, key in (("ms_per_token", "ms_per_token_ratio_vs"), ("peak_memory_bytes", "peak_memory_ratio_vs")):
+            side[key] = {
+                other: ratio(side[name], theirs[name]) if None not in (side[name], theirs[name]) else None
+                for other, theirs in llava_sides.items()
+            }
+
+
 def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, settings, stopwatch, tick) -> dict:
     """Times the decoding of our model and of each baseline at one batch size and length, alternating; `tick()` is
     called at each generation step."""
@@ -478,19 +427,7 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
     inputs = make_inputs(preset, model.config, batch, device, dtype, settings.seed)
     # Untimed: calibrate the output-text predictor on these very inputs (also ours' warm-up); warm the baselines up.
     calibration = calibrate_output_text_predictor(model, inputs, settings.output_keep_rate, tokens, on_step=tick)
-    candidates = {"ours": (model, {})}
-    # generate() sizes a static cache for the longest generation the model ever ran (to spare recompilations); each
-    # point measures one sized for its own length.
-    vars(baseline).pop("_previous_max_cache_length", None)
-    for kind in ("default", *settings.baselines):
-        kwargs = baseline_generate_kwargs(kind, settings, preset, device)
-        candidates[kind] = (baseline, kwargs)
-        if kind == "compiled":
-            if not compile_dynamic(settings, preset):
-                torch._dynamo.reset()  # a fresh static-shape graph per point, not a pile of recompilations
-            generate(baseline, inputs, tokens, on_step=tick, **kwargs)  # compiles for this batch and cache length
-        else:
-            generate(baseline, inputs, WARMUP_TOKENS, on_step=tick, **kwargs)
+    candidates = warm_up(model, baseline, inputs, tokens, settings, preset, tick)
 
     runs = {side: [] for side in candidates}
     order = list(candidates)
@@ -502,7 +439,8 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
                 lambda m=candidate, c=clock, k=kwargs: generate(m, inputs, tokens, c, on_step=tick, **k)
             )
             cache = out[CACHE_NAME]
-            runs[side].append({"steps": clock.step_seconds(), "peak": peak, "kv_bytes": cache_tensor_bytes(cache)})
+            run = {"steps": clock.step_seconds(), "peak": peak, "kv_bytes": cache_tensor_bytes(cache)}
+            runs[side].append({**run, "sequences": out.sequences.cpu()})
             if side == "ours":
                 our_cache = cache  # for its sparsity report; the baselines' caches are let go at once
             del out, cache
@@ -522,6 +460,8 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
 
     ours, base = summary("ours"), summary("default")
     others = {kind: summary(kind) for kind in settings.baselines}
+    our_modes = {kind: summary(f"ours_{kind}") for kind in settings.our_modes}
+    compare_our_modes(our_modes, runs, {"default": base, **others})
     report = our_cache.sparsity_report()
     stored = sum(row["stored_kv_bytes"] for row in report)
     dense = sum(row["dense_kv_bytes"] for row in report)
@@ -565,6 +505,8 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
         "ms_per_token_ratio": ratio(ours["ms_per_token"], base["ms_per_token"]),
         # transformers' Llava with its StaticCache and with that cache plus the compiled step, same weights.
         "baselines": others,
+        # Ours with the fixed-capacity cache (cache_implementation="static"), eager and compiled.
+        "our_modes": our_modes,
         "ms_per_token_ratio_vs": {
             kind: ratio(ours["ms_per_token"], side["ms_per_token"])
             for kind, side in {"default": base, **others}.items()

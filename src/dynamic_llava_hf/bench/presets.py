@@ -199,6 +199,9 @@ class BenchSettings:
     # transformers' Llava is always measured with its default DynamicCache; these add its StaticCache ("static") and
     # the StaticCache with generate's compiled decoding step ("compiled", `compile_config`).
     baselines: tuple[str, ...] = ("static", "compiled")
+    # Dynamic-LLaVA is always measured with its default (dynamic) cache; these add its fixed-capacity cache
+    # (cache_implementation="static", "static") and that cache with the compiled decoding step ("compiled").
+    our_modes: tuple[str, ...] = ("static", "compiled")
     compile_backend: str = "inductor"
     compile_dynamic: bool | None = None  # None: the preset's choice
     progress: bool = True
@@ -220,9 +223,10 @@ class BenchSettings:
         for name in ("repeats", "decode_repeats", "sweep_batch_size", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        unknown = set(self.baselines) - set(EXTRA_BASELINES)
-        if unknown:
-            raise ValueError(f"Unknown baselines {sorted(unknown)}; choose from {list(EXTRA_BASELINES)}")
+        for name in ("baselines", "our_modes"):
+            unknown = set(getattr(self, name)) - set(EXTRA_BASELINES)
+            if unknown:
+                raise ValueError(f"Unknown {name} {sorted(unknown)}; choose from {list(EXTRA_BASELINES)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         rates = [self.output_keep_rate, *self.sweep_keep_rates]
