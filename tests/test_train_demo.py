@@ -6,6 +6,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from dynamic_llava_hf import DynamicLlavaForConditionalGeneration
 from dynamic_llava_hf.cli import main
+from dynamic_llava_hf.synthetic import SHORT_KINDS
 
 
 def test_train_demo_smoke_run_writes_a_loadable_dynamic_llava(tmp_path, capsys):
@@ -35,6 +36,11 @@ def test_train_demo_smoke_run_writes_a_loadable_dynamic_llava(tmp_path, capsys):
     assert stage2[0]["gumbel_tau"] == 1.0 and stage2[-1]["gumbel_tau"] < stage2[0]["gumbel_tau"]
     assert stage2[1]["predictor_learning_rate"] == 10 * stage2[1]["llm_learning_rate"]
     assert "image_keep_ratio" not in stage1[0]
+    # Each stage's teacher-forced check on held-out short questions, per kind and overall.
+    for stage in ("stage1", "stage2"):
+        check = log[stage]["teacher_forced_accuracy"]
+        assert set(check["per_kind"]) == set(SHORT_KINDS) and 0.0 <= check["overall"] <= 1.0
+    assert "Teacher-forced accuracy" in (out / "README.md").read_text()
     assert not list(out.glob("stage*")) and not list(out.glob("checkpoint-*"))
 
     model = AutoModelForImageTextToText.from_pretrained(out)

@@ -18,7 +18,7 @@ import torch
 
 from .bench.flops import ModelShape, prefill_flops, total_flops
 from .compat_dynamic_llava import CACHE_NAME
-from .synthetic import LONG_KINDS, SHORT_KINDS, make_samples
+from .synthetic import IMAGE_SIZE, LONG_KINDS, PATCH_SIZE, SHORT_KINDS, make_samples
 from .utils import progress_bar
 
 
@@ -135,6 +135,39 @@ def object_patches_kept(model, processor, samples, selector, keep_rate, batch_si
             kept_objects += sum(obj.patch_index in kept for obj in sample["objects"])
             total += len(sample["objects"])
     return kept_objects / total
+
+
+@torch.inference_mode()
+def teacher_forced_accuracy(model, processor, samples_per_kind: int = 50, seed: int = EVAL_SEED + 2) -> dict:
+    """Share of held-out short questions whose every answer token is the model's top token given the true prefix, per
+    kind and overall, with full context: a quick check (no generation) of what a training stage has learned."""
+    from .train.data import LlavaDataCollator, tokenize_conversation
+    from .train_demo import chat_messages
+
+    was_training = model.training
+    model.eval()
+    num_image_tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    max_length = processor.tokenizer.model_max_length
+    per_kind = {}
+    for kind in SHORT_KINDS:
+        items = []
+        for sample in make_samples(samples_per_kind, seed, kind):
+            messages = chat_messages(sample["question"], sample["answer"])
+            input_ids, labels = tokenize_conversation(messages, processor, num_image_tokens, max_length)
+            pixel_values = processor.image_processor(sample["image"], return_tensors="pt")["pixel_values"][0]
+            items.append(
+                {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+            )
+        batch = {
+            key: value.to(model.device)
+            for key, value in LlavaDataCollator(processor.tokenizer.pad_token_id)(items).items()
+        }
+        logits = model(**batch, use_cache=False, sparsity={"use_vision_predictor": False}).logits
+        labels = batch["labels"][:, 1:]
+        correct = (logits[:, :-1].argmax(-1) == labels) | (labels == -100)
+        per_kind[kind] = float(correct.all(-1).float().mean())
+    model.train(was_training)
+    return {"per_kind": per_kind, "overall": sum(per_kind.values()) / len(per_kind)}
 
 
 def short_answer_accuracy(model, processor, samples, selector, keep_rate, batch_size) -> dict:
