@@ -46,13 +46,7 @@ def test_matches_llava_when_nothing_is_pruned(attn_implementation, sparsity):
     llava = llava_twin(model, attn_implementation)
     input_ids, attention_mask, pixel_values = build_prompts(MIXED_ROWS)
     ours = run(model, input_ids, attention_mask, pixel_values, sparsity=sparsity)
-    with torch.no_grad():
-        theirs = llava(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            position_ids=generation_positions(attention_mask),
-        )
+    theirs = run(llava, input_ids, attention_mask, pixel_values)
     valid = attention_mask.bool()
     assert (ours.logits - theirs.logits)[valid].abs().max() <= FP32_SAME_MATH
     if sparsity is False:
@@ -258,13 +252,7 @@ def test_untrained_predictors_are_not_used_unless_asked_for():
     llava = llava_twin(model, "sdpa")
     input_ids, attention_mask, pixel_values = build_prompts(MIXED_ROWS)
     default = run(model, input_ids, attention_mask, pixel_values)
-    with torch.no_grad():
-        expected = llava(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            position_ids=generation_positions(attention_mask),
-        )
+    expected = run(llava, input_ids, attention_mask, pixel_values)
     valid = attention_mask.bool()
     assert (default.logits - expected.logits)[valid].abs().max() <= FP32_SAME_MATH
     assert default.kept_image_token_indices is None
