@@ -310,6 +310,8 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
             # The attention modules return their weights (eager only; other backends warn and return None).
             kwargs = {**kwargs, "output_attentions": True}
             key_positions = step.key_positions(layout)  # the same for every layer of the group
+            if step.keys_at_input_positions(key_positions):
+                key_positions = None  # the weights need no mapping
         for layer in layers:
             weights = []
             hook = None

@@ -293,18 +293,25 @@ class DecoderStep:
             return torch.where(columns == lengths, current, stored)
         return torch.cat([stored, current], dim=-1)
 
-    def record_attentions(self, weights: torch.Tensor, key_positions: torch.Tensor) -> None:
+    def keys_at_input_positions(self, key_positions: torch.Tensor) -> bool:
+        """Whether every query and every key of this step is at its input position (nothing removed, padded or left
+        out of the cache): attention weights then need no mapping. One host synchronisation, once per group."""
+        total = int(self.past_seen) + self.num_new
+        if self.gather_index is not None or key_positions.shape[1] != total:
+            return False
+        return torch.equal(key_positions, torch.arange(total, device=key_positions.device).expand_as(key_positions))
+
+    def record_attentions(self, weights: torch.Tensor, key_positions: torch.Tensor | None) -> None:
         """Appends one layer's attention weights (`[batch, heads, slots, keys]`, as attention read them) mapped to
         the input positions, `[batch, heads, new_tokens, past + new_tokens]`: zeros for removed queries and for keys
-        that were removed or are not stored."""
-        batch, heads, _, num_keys = weights.shape
-        total = int(self.past_seen) + self.num_new
-        in_place = torch.arange(total, device=key_positions.device).expand(batch, -1)
-        if self.gather_index is None and num_keys == total and torch.equal(key_positions, in_place):
-            # Every query and every key is at its input position (nothing removed, padded or left out of the cache):
-            # the weights as attention computed them, the same tensor, so that gradients reach it (as in Llava).
+        that were removed or are not stored. `key_positions` None: every key is at its input position
+        (`keys_at_input_positions`), and the weights are kept as computed, the same tensor, so that gradients reach
+        them (as in Llava)."""
+        if key_positions is None:
             self.all_attentions.append(weights)
             return
+        batch, heads, _, num_keys = weights.shape
+        total = int(self.past_seen) + self.num_new
         index = key_positions[:, None, None, :].expand(batch, heads, weights.shape[2], num_keys)
         # One spare column receives the keys that stand for no token; it is cut off.
         by_key = weights.new_zeros(batch, heads, weights.shape[2], total + 1).scatter_(-1, index, weights)[..., :total]

@@ -255,8 +255,7 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
             if rows.plan is not None:
                 rows.advance(self.seen)
         self.seen.add_(num_new_tokens)
-        if not self._has_past:
-            self._has_past = True
+        self._has_past = True
 
     def record_tokens(self, kind: str, seen: torch.Tensor, kept: torch.Tensor) -> None:
         total_seen, total_kept = self.token_counts[kind]
