@@ -18,7 +18,7 @@ import torch
 
 from .bench.flops import ModelShape, prefill_flops, total_flops
 from .compat_dynamic_llava import CACHE_NAME
-from .synthetic import IMAGE_SIZE, LONG_KINDS, PATCH_SIZE, SHORT_KINDS, make_samples
+from .synthetic import LONG_KINDS, SHORT_KINDS, make_samples
 from .utils import progress_bar
 
 
@@ -142,24 +142,15 @@ def teacher_forced_accuracy(model, processor, samples_per_kind: int = 50, seed: 
     """Share of held-out short questions whose every answer token is the model's top token given the true prefix, per
     kind and overall, with full context: a quick check (no generation) of what a training stage has learned. The
     default seed is neither a training seed nor the eval's (EVAL_SEED: short answers, EVAL_SEED + 1: descriptions)."""
-    from .train.data import LlavaDataCollator, tokenize_conversation
+    from .train.data import LlavaDataCollator
+    from .train_demo import conversation_features
     from .training_dynamic_llava import IGNORE_INDEX
-    from .train_demo import chat_messages
 
     was_training = model.training
     model.eval()
-    num_image_tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2
-    max_length = processor.tokenizer.model_max_length
     per_kind = {}
     for kind in SHORT_KINDS:
-        items = []
-        for sample in make_samples(samples_per_kind, seed, kind):
-            messages = chat_messages(sample["question"], sample["answer"])
-            input_ids, labels = tokenize_conversation(messages, processor, num_image_tokens, max_length)
-            pixel_values = processor.image_processor(sample["image"], return_tensors="pt")["pixel_values"][0]
-            items.append(
-                {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
-            )
+        items = [conversation_features(sample, processor) for sample in make_samples(samples_per_kind, seed, kind)]
         batch = {
             key: value.to(model.device)
             for key, value in LlavaDataCollator(processor.tokenizer.pad_token_id)(items).items()

@@ -81,7 +81,6 @@ class SyntheticConversationDataset(torch.utils.data.Dataset):
         self.length = length
         self.seed = seed
         self.curriculum = curriculum
-        self.num_image_tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2
 
     def __len__(self) -> int:
         return self.length
@@ -95,14 +94,19 @@ class SyntheticConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = make_sample(self.seed, index, TRAINING_KINDS, min_objects=1, max_objects=self.max_objects(index))
-        input_ids, labels = tokenize_conversation(
-            chat_messages(sample["question"], sample["answer"]),
-            self.processor,
-            self.num_image_tokens,
-            max_length=self.processor.tokenizer.model_max_length,
-        )
-        pixel_values = self.processor.image_processor(sample["image"], return_tensors="pt")["pixel_values"][0]
-        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+        return conversation_features(sample, self.processor)
+
+
+def conversation_features(sample: dict, processor) -> dict:
+    """A synthetic sample as the model trains on it: `input_ids`, `labels` (the answer only) and `pixel_values`."""
+    input_ids, labels = tokenize_conversation(
+        chat_messages(sample["question"], sample["answer"]),
+        processor,
+        (IMAGE_SIZE // PATCH_SIZE) ** 2,
+        max_length=processor.tokenizer.model_max_length,
+    )
+    pixel_values = processor.image_processor(sample["image"], return_tensors="pt")["pixel_values"][0]
+    return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
 
 
 def training_arguments(out: str, stage: StageSettings, seed: int, progress: bool, **extra):
