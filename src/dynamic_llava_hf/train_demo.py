@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 from .train.data import LlavaDataCollator, tokenize_conversation
 from .demo_model import build_demo_processor, demo_config, demo_generation_config
@@ -134,7 +135,25 @@ def training_arguments(out: str, stage: StageSettings, seed: int, progress: bool
     )
 
 
-def run_stage(model, processor, args, seed: int, curriculum=()) -> dict:
+class HeldOutAccuracyCallback(TrainerCallback):
+    """Every `every` steps, teacher-forced accuracy on a few held-out short questions per kind goes into the log
+    history (and on screen): how the stage is doing beyond its loss, which descriptions dominate."""
+
+    def __init__(self, processor, every: int, samples_per_kind: int = 30):
+        self.processor = processor
+        self.every = every
+        self.samples_per_kind = samples_per_kind
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            accuracy = teacher_forced_accuracy(model, self.processor, self.samples_per_kind)
+            entry = {"step": state.global_step, "heldout_teacher_forced": accuracy["per_kind"]}
+            state.log_history.append(entry)
+            if not args.disable_tqdm:
+                print(entry, flush=True)
+
+
+def run_stage(model, processor, args, seed: int, curriculum=(), heldout_every: int = 0) -> dict:
     """Trains `model` in place; returns the stage's log (Trainer log history and wall time). The Trainer's
     `output_dir` is only a scratch folder (nothing is checkpointed)."""
     length = args.max_steps * args.per_device_train_batch_size
@@ -144,6 +163,7 @@ def run_stage(model, processor, args, seed: int, curriculum=()) -> dict:
         args=args,
         train_dataset=dataset,
         data_collator=LlavaDataCollator(processor.tokenizer.pad_token_id),
+        callbacks=[HeldOutAccuracyCallback(processor, heldout_every)] if heldout_every else None,
     )
     start = time.perf_counter()
     trainer.train()
@@ -215,7 +235,8 @@ def train_stage1(
     # LLaVA-1.5 trains the projector and the LLM on a frozen CLIP.
     model.model.vision_tower.requires_grad_(False)
     with tempfile.TemporaryDirectory() as scratch:
-        log = run_stage(model, processor, training_arguments(scratch, stage, seed, progress), seed, CURRICULUM)
+        args = training_arguments(scratch, stage, seed, progress)
+        log = run_stage(model, processor, args, seed, CURRICULUM, heldout_every=max(stage.steps // 16, 1))
     return model, {**log, "vision_pretraining": vision_log}
 
 
