@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, GenerationConfig, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
@@ -336,3 +336,15 @@ def test_a_cache_built_for_another_sparse_layer_is_named():
     model.config.sparse_layer = 1
     with pytest.raises(ValueError, match="sparse_layer=3 and 4 layers, but this model has sparse_layer=1"):
         model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, past_key_values=cache)
+
+
+def test_continuous_batching_is_refused_before_any_request_runs():
+    # transformers would run it and report every request as failed with an empty output (no exception).
+    model = tiny_model()
+    input_ids, _, _ = build_prompts(ROWS[:1])
+    generation_config = GenerationConfig(max_new_tokens=2, eos_token_id=None, pad_token_id=PAD_TOKEN_ID)
+    with pytest.raises(NotImplementedError, match="Continuous batching .* per layer and row"):
+        model.generate_batch([input_ids[0].tolist()], generation_config=generation_config)
+    with pytest.raises(NotImplementedError, match="Continuous batching"):
+        with model.continuous_batching_context_manager(generation_config=generation_config):
+            pass

@@ -41,6 +41,17 @@ class DynamicLlavaGenerationMixin:
         elif hasattr(cache, "reserve"):  # a fixed-capacity cache passed back: room for this call's tokens too
             cache.reserve(max_cache_length)
 
+    def init_continuous_batching(self, *args, **kwargs):
+        """Refuses continuous batching (`generate_batch`, `continuous_batching_context_manager` and `transformers
+        serve --continuous-batching` all start here) before any request runs: transformers would otherwise report
+        every request as failed and return empty outputs, because its paged cache cannot hold what this model keeps."""
+        raise NotImplementedError(
+            "Continuous batching (generate_batch / init_continuous_batching) is not supported by Dynamic-LLaVA: "
+            "transformers' paged cache keeps one set of tokens per request for all layers, while Dynamic-LLaVA keeps "
+            "a different set per layer and row (image tokens pruned and generated tokens dropped from sparse_layer "
+            "on). Use generate() on a left-padded batch instead; it frees the dropped entries as it goes."
+        )
+
     def create_masks_for_generate(self, config=None, inputs_embeds=None, attention_mask=None, *args, **kwargs):
         """What `generate()` passes as the attention mask with a compileable cache: the current tokens' columns of the
         2D padding mask, which is all the model reads (it builds its masks from the cache), so that a decoding step's
