@@ -230,6 +230,8 @@ try:
 except ValueError as error:
     result["model"] = "ValueError: " + str(error)
 result["processor"] = type(AutoProcessor.from_pretrained(folder, trust_remote_code=False)).__name__
+if import_package:  # registered classes: no question about the folder's code, even with the argument unset
+    result["processor"] += "+" + type(AutoProcessor.from_pretrained(folder)).__name__
 result["folder_code_ran"] = "folder_code_ran" in sys.modules
 print("RESULT " + json.dumps(result))
 """
@@ -265,5 +267,7 @@ def test_which_code_runs_installed_imported_or_not(tmp_path):
     assert result["processor"] == "LlavaProcessor" and "Do you wish to run the custom code" not in output
     # Imported first: the installed classes, whatever trust_remote_code says; the folder's code never runs.
     for trust in (True, None):
-        result, _ = which_code_runs(tmp_path, import_package=True, trust=trust)
+        result, output = which_code_runs(tmp_path, import_package=True, trust=trust)
         assert result["model"] == "dynamic_llava_hf.modeling_dynamic_llava" and not result["folder_code_ran"]
+        assert result["processor"] == "LlavaProcessor+LlavaProcessor"
+        assert "Do you wish to run the custom code" not in output
