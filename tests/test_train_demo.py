@@ -36,7 +36,11 @@ def test_train_demo_smoke_run_writes_a_loadable_dynamic_llava(tmp_path, capsys):
     assert stage2[0]["gumbel_tau"] == 1.0 and stage2[-1]["gumbel_tau"] < stage2[0]["gumbel_tau"]
     assert stage2[1]["predictor_learning_rate"] == 10 * stage2[1]["llm_learning_rate"]
     assert "image_keep_ratio" not in stage1[0]
-    # Each stage's teacher-forced check on held-out short questions, per kind and overall.
+    # Stage 1b logs held-out teacher-forced accuracy as it goes (every 1/16 of the stage), ...
+    heldout = [entry for entry in log["stage1"]["log_history"] if "heldout_teacher_forced" in entry]
+    assert [entry["step"] for entry in heldout] == [1, 2, 3]
+    assert all(set(entry["heldout_teacher_forced"]) == set(SHORT_KINDS) for entry in heldout)
+    # ... and each stage ends with the check on more held-out short questions, per kind and overall.
     for stage in ("stage1", "stage2"):
         check = log[stage]["teacher_forced_accuracy"]
         assert set(check["per_kind"]) == set(SHORT_KINDS) and 0.0 <= check["overall"] <= 1.0
