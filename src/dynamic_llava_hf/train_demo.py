@@ -346,10 +346,14 @@ def stage_summary(stage_log: dict) -> str:
 
 def vision_summary(vision_log: dict) -> str:
     last = vision_log["log_history"][-1]
-    return (
-        f"loss {last['loss']:.4f}, patch accuracy {last['patch_accuracy']:.3f} at the end; "
-        f"{vision_log['wall_seconds'] / 60:.1f} min"
-    )
+    text = f"loss {last['loss']:.4f}, patch accuracy {last['patch_accuracy']:.3f}"
+    if "object_patch_accuracy" in last:  # logs of earlier runs have none
+        text += (
+            " (on object patches: "
+            + ", ".join(f"{name} {value:.3f}" for name, value in last["object_patch_accuracy"].items())
+            + ")"
+        )
+    return text + f" at the end; {vision_log['wall_seconds'] / 60:.1f} min"
 
 
 def demo_model_card(log: dict, results_markdown: str | None = None) -> str:
@@ -376,7 +380,8 @@ def demo_model_card(log: dict, results_markdown: str | None = None) -> str:
         "## Training",
         "",
         f"- Stage 1a (stands in for CLIP's pre-training): the vision tower alone learns each patch's object "
-        f"colour, shape and size and its grid cell through linear heads that are then dropped; {vision['steps']} "
+        f"colour, shape and size, and an object's grid cell (loss weight {CELL_LOSS_WEIGHT}), through linear heads "
+        f"that are then dropped; {vision['steps']} "
         f"steps of batch "
         f"{vision['batch_size']}: {vision_summary(stage1['vision_pretraining'])}.",
         f"- Stage 1b (LLaVA-1.5, full context, on the frozen vision tower; projector and LLM from scratch; pictures "
