@@ -138,7 +138,6 @@ def object_patches_kept(model, processor, samples, selector, keep_rate, batch_si
 
 
 @torch.inference_mode()
-@torch.no_grad()
 def teacher_forced_accuracy(model, processor, samples_per_kind: int = 50, seed: int = EVAL_SEED + 2) -> dict:
     """Share of held-out short questions whose every answer token is the model's top token given the true prefix, per
     kind and overall, with full context: a quick check (no generation) of what a training stage has learned. The
