@@ -60,7 +60,7 @@ class StageSettings:
 # finds objects by shape, stayed near chance. At 0.1 shapes stay at 99.5% and the cell is learned a little later.
 CELL_LOSS_WEIGHT = 0.1
 
-# The shipped model's recipe (82 minutes on one core of the 2-core CPU machine).
+# The shipped model's recipe (89 minutes on one core of the 2-core CPU machine, the other core busy).
 VISION_PRETRAINING = StageSettings(steps=600, batch_size=64, learning_rate=2e-3)
 STAGE1 = StageSettings(steps=3200, batch_size=32, learning_rate=5e-4)
 STAGE2 = StageSettings(steps=500, batch_size=32, learning_rate=1e-4, predictor_lr=1e-3)
