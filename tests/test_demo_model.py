@@ -32,6 +32,7 @@ MIN_GAIN_OVER_RANDOM = 0.10  # learned vs random at keep 0.2 (measured: 8 questi
 LEARNED_OBJECTS_KEPT = 0.95
 RANDOM_OBJECTS_KEPT = 0.40
 
+
 @pytest.fixture(scope="module")
 def demo_folder(tmp_path_factory) -> Path:
     return demo_model_path(tmp_path_factory.mktemp("cache"))
