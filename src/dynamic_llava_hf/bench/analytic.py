@@ -13,8 +13,9 @@ from .flops import (
 from .presets import PRESETS, BenchPreset, BenchSettings
 
 
-def ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator else None
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, or None where either is unknown (e.g. no peak memory measured) or the divisor is 0."""
+    return numerator / denominator if numerator is not None and denominator else None
 
 
 def analytic_prefill(shape: ModelShape, base_shape: ModelShape, preset: BenchPreset, keep_rate: float, batch: int):

@@ -413,11 +413,15 @@ def compare_our_modes(our_modes: dict, runs: dict, llava_sides: dict) -> None:
         side["same_tokens_as_dynamic_cache"] = torch.equal(
             runs[f"ours_{kind}"][-1]["sequences"], runs["ours"][-1]["sequences"]
         )
-        for name, key in (("ms_per_token", "ms_per_token_ratio_vs"), ("peak_memory_bytes", "peak_memory_ratio_vs")):
-            side[key] = {
-                other: ratio(side[name], theirs[name]) if None not in (side[name], theirs[name]) else None
-                for other, theirs in llava_sides.items()
-            }
+        side.update(ratios_against(side, llava_sides))
+
+
+def ratios_against(side: dict, llava_sides: dict) -> dict:
+    """`side`'s ms/token and peak memory as ratios of every Llava side's (None where either is unknown)."""
+    return {
+        key: {other: ratio(side[name], theirs[name]) for other, theirs in llava_sides.items()}
+        for name, key in (("ms_per_token", "ms_per_token_ratio_vs"), ("peak_memory_bytes", "peak_memory_ratio_vs"))
+    }
 
 
 def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, settings, stopwatch, tick) -> dict:
@@ -507,16 +511,7 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
         "baselines": others,
         # Ours with the fixed-capacity cache (cache_implementation="static"), eager and compiled.
         "our_modes": our_modes,
-        "ms_per_token_ratio_vs": {
-            kind: ratio(ours["ms_per_token"], side["ms_per_token"])
-            for kind, side in {"default": base, **others}.items()
-        },
-        "peak_memory_ratio_vs": {
-            kind: ratio(ours["peak_memory_bytes"], side["peak_memory_bytes"])
-            if None not in (ours["peak_memory_bytes"], side["peak_memory_bytes"])
-            else None
-            for kind, side in {"default": base, **others}.items()
-        },
+        **ratios_against(ours, {"default": base, **others}),
         "kv_bytes_ratio": ratio(stored, dense),
         "flops_per_token": {
             "ours": flops_ours / steps,
