@@ -137,32 +137,6 @@ def object_patches_kept(model, processor, samples, selector, keep_rate, batch_si
     return kept_objects / total
 
 
-@torch.inference_mode()
-def teacher_forced_accuracy(model, processor, samples_per_kind: int = 50, seed: int = EVAL_SEED + 2) -> dict:
-    """Share of held-out short questions whose every answer token is the model's top token given the true prefix, per
-    kind and overall, with full context: a quick check (no generation) of what a training stage has learned. The
-    default seed is neither a training seed nor the eval's (EVAL_SEED: short answers, EVAL_SEED + 1: descriptions)."""
-    from .train.data import LlavaDataCollator
-    from .train_demo import conversation_features
-    from .training_dynamic_llava import IGNORE_INDEX
-
-    was_training = model.training
-    model.eval()
-    per_kind = {}
-    for kind in SHORT_KINDS:
-        items = [conversation_features(sample, processor) for sample in make_samples(samples_per_kind, seed, kind)]
-        batch = {
-            key: value.to(model.device)
-            for key, value in LlavaDataCollator(processor.tokenizer.pad_token_id)(items).items()
-        }
-        logits = model(**batch, use_cache=False, sparsity={"use_vision_predictor": False}).logits
-        labels = batch["labels"][:, 1:]
-        correct = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)
-        per_kind[kind] = float(correct.all(-1).float().mean())
-    model.train(was_training)
-    return {"per_kind": per_kind, "overall": sum(per_kind.values()) / len(per_kind)}
-
-
 def short_answer_accuracy(model, processor, samples, selector, keep_rate, batch_size) -> dict:
     correct = Counter()
     total = Counter()

@@ -24,17 +24,19 @@ from transformers import TrainerCallback
 
 from .train.data import LlavaDataCollator, tokenize_conversation
 from .demo_model import build_demo_processor, demo_config, demo_generation_config
-from .evaluate import teacher_forced_accuracy
+from .evaluate import EVAL_SEED
 from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from .synthetic import (
     COLORS,
     IMAGE_SIZE,
     LONG_KINDS,
     PATCH_SIZE,
+    POSITIONS,
     SHAPES,
     SHORT_KINDS,
     SIZES,
     make_sample,
+    make_samples,
 )
 from .train.trainer import DynamicLlavaTrainer, DynamicLlavaTrainingArguments
 from .training_dynamic_llava import IGNORE_INDEX
@@ -127,18 +129,47 @@ def training_arguments(out: str, stage: StageSettings, seed: int, progress: bool
     )
 
 
+def heldout_batches(processor, samples_per_kind: int, seed: int = EVAL_SEED + 2) -> dict:
+    """Held-out short questions as training batches, one per kind. The default seed is neither a training seed nor
+    the eval's (EVAL_SEED: short answers, EVAL_SEED + 1: descriptions)."""
+    collate = LlavaDataCollator(processor.tokenizer.pad_token_id)
+    return {
+        kind: collate(
+            [conversation_features(sample, processor) for sample in make_samples(samples_per_kind, seed, kind)]
+        )
+        for kind in SHORT_KINDS
+    }
+
+
+@torch.inference_mode()
+def teacher_forced_accuracy(model, batches: dict) -> dict:
+    """Share of the `heldout_batches` questions whose every answer token is the model's top token given the true
+    prefix, per kind and overall, with full context: a quick check (no generation) of what a stage has learned."""
+    was_training = model.training
+    model.eval()
+    per_kind = {}
+    for kind, batch in batches.items():
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        logits = model(**batch, use_cache=False, sparsity={"use_vision_predictor": False}).logits
+        labels = batch["labels"][:, 1:]
+        correct = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)
+        per_kind[kind] = float(correct.all(-1).float().mean())
+    model.train(was_training)
+    return {"per_kind": per_kind, "overall": sum(per_kind.values()) / len(per_kind)}
+
+
 class HeldOutAccuracyCallback(TrainerCallback):
-    """Every `every` steps, teacher-forced accuracy on a few held-out short questions per kind goes into the log
-    history (and on screen): how the stage is doing beyond its loss, which descriptions dominate."""
+    """Every `every` steps, teacher-forced accuracy on a few held-out short questions per kind (the same ones each
+    time) goes into the log history (and on screen): how the stage is doing beyond its loss, which descriptions
+    dominate."""
 
     def __init__(self, processor, every: int, samples_per_kind: int = 30):
-        self.processor = processor
+        self.batches = heldout_batches(processor, samples_per_kind)
         self.every = every
-        self.samples_per_kind = samples_per_kind
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every and state.global_step % self.every == 0:
-            accuracy = teacher_forced_accuracy(model, self.processor, self.samples_per_kind)
+        if state.global_step % self.every == 0:
+            accuracy = teacher_forced_accuracy(model, self.batches)
             entry = {"step": state.global_step, "heldout_teacher_forced": accuracy["per_kind"]}
             state.log_history.append(entry)
             if not args.disable_tqdm:
@@ -179,14 +210,27 @@ def patch_labels(objects, num_patches: int) -> torch.LongTensor:
     return labels
 
 
+def patch_accuracies(logits: list[torch.Tensor], labels: torch.LongTensor) -> dict:
+    """Stage 1a's accuracy: of every label of every patch (a background patch has no cell label), and per label on
+    the patches that hold an object (what the questions need)."""
+    objects = labels[..., 0] > 0
+    right = [logit.argmax(-1) == labels[..., i] for i, logit in enumerate(logits)]
+    return {
+        "patch_accuracy": float(torch.stack(right[:3] + [right[3] | ~objects]).all(0).float().mean()),
+        "object_patch_accuracy": {
+            name: float(right[i][objects].float().mean()) for i, name in enumerate(("color", "shape", "size", "cell"))
+        },
+    }
+
+
 def pretrain_vision_tower(model, processor, stage: StageSettings, seed: int, progress: bool) -> dict:
     """Stands in for CLIP's pre-training: the vision tower learns to tell, for every patch, the colour, shape and
-    size of the object it holds (or that it holds none) and where in the picture the patch lies, through linear heads
-    on the features LLaVA reads. The heads are thrown away afterwards, as CLIP's projection heads are."""
+    size of the object it holds (or that it holds none) and, for an object, its grid cell, through linear heads on the
+    features LLaVA reads. The heads are thrown away afterwards, as CLIP's projection heads are."""
     tower = model.model.vision_tower
     heads = torch.nn.ModuleList(
         torch.nn.Linear(model.config.vision_config.hidden_size, classes)
-        for classes in (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1, 9)
+        for classes in (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1, len(POSITIONS))
     )
     weights = (1.0, 1.0, 1.0, CELL_LOSS_WEIGHT)
     optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=stage.learning_rate)
@@ -209,21 +253,7 @@ def pretrain_vision_tower(model, processor, stage: StageSettings, seed: int, pro
         optimizer.step()
         schedule.step()
         if (step + 1) % max(stage.steps // 10, 1) == 0:
-            objects = labels[..., 0] > 0
-            right = [logit.argmax(-1) == labels[..., i] for i, logit in enumerate(logits)]
-            log.append(
-                {
-                    "step": step + 1,
-                    "loss": loss.item(),
-                    # every label of every patch (a background patch has no cell label)
-                    "patch_accuracy": float(torch.stack(right[:3] + [right[3] | ~objects]).all(0).float().mean()),
-                    # per label, on the patches that hold an object: what the questions need
-                    "object_patch_accuracy": {
-                        name: float(right[i][objects].float().mean())
-                        for i, name in enumerate(("color", "shape", "size", "cell"))
-                    },
-                }
-            )
+            log.append({"step": step + 1, "loss": loss.item(), **patch_accuracies(logits, labels)})
             if progress:
                 print(log[-1])
     return {"wall_seconds": round(time.perf_counter() - start, 1), "log_history": log}
@@ -293,9 +323,10 @@ def train_demo(
     stage1_model, log1 = train_stage1(processor, vision, stage1, seed + TRAIN_SEED, progress, size)
     # What each stage has learned, on held-out questions without generating (see the model card): a stage 1b that
     # stayed near chance shows here before stage 2 is spent on it.
-    log1["teacher_forced_accuracy"] = teacher_forced_accuracy(stage1_model, processor)
+    heldout = heldout_batches(processor, samples_per_kind=50)
+    log1["teacher_forced_accuracy"] = teacher_forced_accuracy(stage1_model, heldout)
     model, log2 = train_stage2(stage1_model, processor, stage2, seed + TRAIN_SEED, progress, size)
-    log2["teacher_forced_accuracy"] = teacher_forced_accuracy(model, processor)
+    log2["teacher_forced_accuracy"] = teacher_forced_accuracy(model, heldout)
     if progress:
         for name, stage_log in (("stage 1b", log1), ("stage 2", log2)):
             print(f"{name}: teacher-forced accuracy {stage_log['teacher_forced_accuracy']['overall']:.1%}")
