@@ -157,25 +157,24 @@ def plural(shape: str) -> str:
     return shape + "es" if shape == "cross" else shape + "s"
 
 
-def unique_objects(scene, attribute: str) -> list[SceneObject]:
-    """The objects whose `attribute` ("shape" or "color") no other object in the scene shares."""
+def pick_unique(scene, attribute: str, rng) -> SceneObject | None:
+    """A random object whose `attribute` ("shape" or "color") no other object in the scene shares, or None."""
     values = [getattr(obj, attribute) for obj in scene]
-    return [obj for obj in scene if values.count(getattr(obj, attribute)) == 1]
+    unique = [obj for obj in scene if values.count(getattr(obj, attribute)) == 1]
+    return rng.choice(unique) if unique else None
 
 
 def ask_color(scene, rng):
-    unique = unique_objects(scene, "shape")
-    if not unique:
+    obj = pick_unique(scene, "shape", rng)
+    if obj is None:
         return None
-    obj = rng.choice(unique)
     return f"What color is the {obj.shape}?", f"The {obj.shape} {obj.color}."
 
 
 def ask_shape(scene, rng):
-    unique = unique_objects(scene, "color")
-    if not unique:
+    obj = pick_unique(scene, "color", rng)
+    if obj is None:
         return None
-    obj = rng.choice(unique)
     return f"What shape is the {obj.color} object?", f"The {obj.color} {obj.shape}."
 
 
@@ -188,10 +187,9 @@ def ask_count(scene, rng):
 
 
 def ask_position(scene, rng):
-    unique = unique_objects(scene, "shape")
-    if not unique:
+    obj = pick_unique(scene, "shape", rng)
+    if obj is None:
         return None
-    obj = rng.choice(unique)
     return f"Where is the {obj.shape}?", f"The {obj.shape} {obj.position}."
 
 
@@ -206,10 +204,9 @@ def ask_exists(scene, rng):
 
 
 def ask_size(scene, rng):
-    unique = unique_objects(scene, "shape")
-    if not unique:
+    obj = pick_unique(scene, "shape", rng)
+    if obj is None:
         return None
-    obj = rng.choice(unique)
     return f"Is the {obj.shape} small or large?", f"The {obj.shape} {obj.size}."
 
 
