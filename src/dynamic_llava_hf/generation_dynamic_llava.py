@@ -38,7 +38,7 @@ class DynamicLlavaGenerationMixin:
         cache = model_kwargs.get(CACHE_NAME)
         if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
             model_kwargs[CACHE_NAME] = DynamicLlavaCache(self.config)
-        elif hasattr(cache, "reserve"):  # a fixed-capacity cache passed back: room for this call's tokens too
+        elif isinstance(cache, DynamicLlavaStaticCache):  # passed back for a later turn: room for its tokens too
             cache.reserve(max_cache_length)
 
     def init_continuous_batching(self, *args, **kwargs):

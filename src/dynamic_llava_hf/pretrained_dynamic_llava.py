@@ -13,9 +13,11 @@ REMOTE_CODE_AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_dynamic_llava.DynamicLlavaForConditionalGeneration",
 }
 # That remote code: this file and every file it imports (flat: transformers copies them next to the weights).
-_BUNDLE = "configuration modeling pretrained cache static_cache predictors sparsity inference training compat outputs"
-_BUNDLE += " generation"
-REMOTE_CODE_FILES = tuple(f"{name}_dynamic_llava.py" for name in _BUNDLE.split())
+_BUNDLE = (
+    "configuration", "modeling", "pretrained", "cache", "static_cache", "predictors", "sparsity", "inference",
+    "training", "compat", "outputs", "generation",
+)  # fmt: skip
+REMOTE_CODE_FILES = tuple(f"{name}_dynamic_llava.py" for name in _BUNDLE)
 
 
 def _not_custom_code() -> bool:

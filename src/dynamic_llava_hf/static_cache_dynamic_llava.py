@@ -55,11 +55,14 @@ class StaticRowLengths(RowLengths):
         self.reserved_for = 0  # the cache's `max_cache_len` when `capacity` was last checked
         super().__init__()
 
+    def _fresh(self) -> "StaticRowLengths":
+        if self.stale:
+            refresh_extrema([self])  # sets min_length, then max_length (which clears `stale`)
+        return self
+
     @property
     def max_length(self) -> int:
-        if self.stale:
-            refresh_extrema([self])
-        return self._max_length
+        return self._fresh()._max_length
 
     @max_length.setter
     def max_length(self, value: int) -> None:
@@ -67,9 +70,7 @@ class StaticRowLengths(RowLengths):
 
     @property
     def min_length(self) -> int:
-        if self.stale:
-            refresh_extrema([self])
-        return self._min_length
+        return self._fresh()._min_length
 
     @min_length.setter
     def min_length(self, value: int) -> None:
