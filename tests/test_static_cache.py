@@ -14,11 +14,11 @@ from transformers import CompileConfig
 
 from dynamic_llava_hf import DynamicLlavaStaticCache
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
-from test_generation import generate, rows_alone
+from test_generation import ROWS, generate, rows_alone
 from tiny_models import build_prompts, tiny_model
+from tolerances import FP32_SAME_MATH, FP32_SAME_OP
 
 
-ROWS = [(3, 1, 5), (8, 1, 2), (1, 1, 1)]
 MODES = {
     "greedy": {},
     "beam": {"num_beams": 3, "output_scores": True, "max_new_tokens": 8},
@@ -34,9 +34,9 @@ def run(model, mode: str, inputs, **kwargs):
 def assert_same_generation(a, b, logits: bool = True):
     assert torch.equal(a.sequences, b.sequences)
     if logits:
-        torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=FP32_SAME_MATH)
     if a.get("sequences_scores") is not None:
-        torch.testing.assert_close(a.sequences_scores, b.sequences_scores, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.sequences_scores, b.sequences_scores, rtol=0, atol=FP32_SAME_MATH)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -54,7 +54,9 @@ def test_static_cache_equals_dynamic_cache(attn_implementation, mode):
     assert ours.get_seq_length() == theirs.get_seq_length()
     for mine, other, lengths in zip(ours.layers, theirs.layers, ours.stored_lengths()):  # the same entries
         for row, length in enumerate(lengths.tolist()):
-            torch.testing.assert_close(mine.keys[row, :, :length], other.keys[row, :, :length], rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                mine.keys[row, :, :length], other.keys[row, :, :length], rtol=0, atol=FP32_SAME_OP
+            )
 
 
 @pytest.mark.parametrize(
@@ -74,7 +76,7 @@ def test_static_cache_equals_dynamic_cache_with_options(options):
     assert_same_generation(dynamic, static)
     for ours, theirs in zip(static.get("attentions") or (), dynamic.get("attentions") or ()):
         for mine, other in zip(ours, theirs):
-            torch.testing.assert_close(mine, other, rtol=0, atol=1e-6)
+            torch.testing.assert_close(mine, other, rtol=0, atol=FP32_SAME_OP)
 
 
 def test_static_cache_batched_equals_per_row():
@@ -85,7 +87,7 @@ def test_static_cache_batched_equals_per_row():
     for row, ids, mask, pixels in rows_alone(*inputs, ROWS):
         alone = generate(model, ids, mask, pixels, cache_implementation="static")
         assert torch.equal(batched.sequences[row, prompt:], alone.sequences[0, ids.shape[1] :])
-        assert (torch.stack(batched.logits)[:, row] - torch.stack(alone.logits)[:, 0]).abs().max() <= 1e-5
+        assert (torch.stack(batched.logits)[:, row] - torch.stack(alone.logits)[:, 0]).abs().max() <= FP32_SAME_MATH
     kept = [entry["generated_tokens_kept"] for entry in batched.get(CACHE_NAME).sparsity_report()]
     assert len(set(kept)) > 1, "rows should keep different numbers of generated tokens"
 
@@ -158,7 +160,7 @@ def test_the_decoding_step_is_one_graph_without_recompiles():
         )
         token = prefill.logits[:, -1:].argmax(-1)
         steps.append(decode_steps(cache, token, positions[:, -1:] + 1, 6, forward))
-    torch.testing.assert_close(steps[0], steps[1], rtol=0, atol=1e-5)  # the same tokens, hence close logits
+    torch.testing.assert_close(steps[0], steps[1], rtol=0, atol=FP32_SAME_MATH)  # the same tokens, hence close logits
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert torch.equal(caches[0].stored_lengths(), caches[1].stored_lengths())
 
@@ -210,7 +212,9 @@ def test_compiled_decoding_equals_eager():
     for row, ids, mask, pixels in list(rows_alone(*inputs, ROWS))[:1]:
         alone = generate(model, ids, mask, pixels, cache_implementation="static", compile_config=compile_config())
         assert torch.equal(compiled["greedy"].sequences[row, prompt:], alone.sequences[0, ids.shape[1] :])
-        assert (torch.stack(compiled["greedy"].logits)[:, row] - torch.stack(alone.logits)[:, 0]).abs().max() <= 1e-5
+        assert (
+            torch.stack(compiled["greedy"].logits)[:, row] - torch.stack(alone.logits)[:, 0]
+        ).abs().max() <= FP32_SAME_MATH
 
 
 def test_compiled_beam_search_equals_eager():
