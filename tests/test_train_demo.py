@@ -45,6 +45,9 @@ def test_train_demo_smoke_run_writes_a_loadable_dynamic_llava(tmp_path, capsys):
         check = log[stage]["teacher_forced_accuracy"]
         assert set(check["per_kind"]) == set(SHORT_KINDS) and 0.0 <= check["overall"] <= 1.0
     assert "Teacher-forced accuracy" in (out / "README.md").read_text()
+    # Stage 2 ends by setting the output-text predictor's threshold to its trained keep rate.
+    calibration = log["stage2"]["output_calibration"]
+    assert calibration["target_keep_rate"] == 0.5 and calibration["calibration_tokens"] > 0
     assert not list(out.glob("stage*")) and not list(out.glob("checkpoint-*"))
 
     model = AutoModelForImageTextToText.from_pretrained(out)

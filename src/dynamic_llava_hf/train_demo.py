@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 from .train.data import LlavaDataCollator, tokenize_conversation
 from .demo_model import build_demo_processor, demo_config, demo_generation_config
-from .evaluate import EVAL_SEED
+from .evaluate import EVAL_SEED, generate_answers
 from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
 from .synthetic import (
     COLORS,
@@ -38,6 +38,7 @@ from .synthetic import (
     make_sample,
     make_samples,
 )
+from .train.calibration import calibrate_output_text_predictor
 from .train.trainer import DynamicLlavaTrainer, DynamicLlavaTrainingArguments
 from .training_dynamic_llava import IGNORE_INDEX
 from .utils import progress_bar
@@ -302,6 +303,24 @@ def train_stage2(stage1_model, processor, stage: StageSettings, seed: int, progr
     return model, log
 
 
+CALIBRATION_DESCRIPTIONS = 64
+
+
+def calibrate_output_gating(model, processor, seed: int, samples: int = CALIBRATION_DESCRIPTIONS) -> dict:
+    """Sets the output-text predictor's threshold so that inference keeps the share of generated tokens it was
+    trained to keep (`config.output_text_keep_rate`), measured on descriptions of stage 2's own training pictures
+    (`seed`: the stage's sample stream); `model` in eval mode. See `train.calibration` for why the argmax alone
+    keeps far fewer."""
+    descriptions = make_samples(samples, seed, LONG_KINDS)
+
+    def describe_each():
+        # One at a time: rows of a batch that have finished would go on feeding padding to the predictor.
+        for sample in descriptions:
+            generate_answers(model, processor, [sample], {"use_output_text_predictor": True}, max_new_tokens=96)
+
+    return calibrate_output_text_predictor(model, describe_each, model.config.output_text_keep_rate)
+
+
 def train_demo(
     out: str,
     seed: int = 0,
@@ -332,6 +351,11 @@ def train_demo(
             print(f"{name}: teacher-forced accuracy {stage_log['teacher_forced_accuracy']['overall']:.1%}")
     model.eval()
     model.generation_config = demo_generation_config(model.config)
+    # Stage 2 drew its pictures from seed + TRAIN_SEED + 1 (`train_stage2`).
+    calibration_samples = 4 if tiny else CALIBRATION_DESCRIPTIONS
+    log2["output_calibration"] = calibrate_output_gating(model, processor, seed + TRAIN_SEED + 1, calibration_samples)
+    if progress:
+        print(f"output-text predictor calibrated: {log2['output_calibration']}")
     model.save_pretrained(out)
     processor.save_pretrained(out)
     log = {
@@ -430,6 +454,15 @@ def demo_model_card(log: dict, results_markdown: str | None = None) -> str:
             "full context): "
             + ", ".join(f"after stage {name} {result['overall']:.1%}" for name, result in checks)
             + "."
+        )
+    calibration = stage2.get("output_calibration")
+    if calibration:  # logs of runs before the calibration was added have none
+        lines.append(
+            f"- Then the output-text predictor's threshold was set so that its argmax keeps the share it was trained "
+            f"to keep ({calibration['target_keep_rate']}) of {calibration['calibration_tokens']} generated tokens "
+            f"of descriptions of stage-2 training pictures (the argmax had kept "
+            f"{calibration['keep_rate_before']:.0%}; keep-logit shift {calibration['keep_logit_shift']:+.3f}; "
+            f"`dynamic_llava_hf.train.calibration`)."
         )
     if results_markdown:
         lines += ["", "## Held-out evaluation (`dynamic-llava eval`)", "", results_markdown]

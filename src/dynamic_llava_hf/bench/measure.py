@@ -43,6 +43,7 @@ from ..compat_dynamic_llava import CACHE_NAME
 from .analytic import analytic_no_cache_decode, analytic_prefill, baseline_config, ratio
 from .flops import ModelShape, cached_decode_flops, cached_decode_kv_read_bytes, total_flops
 from ..modeling_dynamic_llava import DynamicLlavaForConditionalGeneration
+from ..train.calibration import calibrate_output_text_predictor as calibrate_on_run
 from ..utils import progress_bar
 from .presets import PRESETS, BenchPreset, BenchSettings, resolve_device_and_dtype
 from .timing import StepCallback, StepClock, Stopwatch, alternate
@@ -135,27 +136,7 @@ def calibrate_output_text_predictor(
     """Shifts the output-text predictor's keep/drop bias so that `target_keep_rate` of the generated tokens of a run on
     `inputs` would have been kept (a random predictor keeps or drops nearly all of them). Returns what it did.
     `on_step` is called at each generation step of that run."""
-    predictor = model.model.output_text_score_predictor
-    if predictor is None:
-        raise ValueError("the model has no output-text predictor to calibrate")
-    margins = []
-    hook = predictor.register_forward_hook(
-        lambda module, args, logits: margins.append((logits[..., 0] - logits[..., 1]).float().flatten().cpu())
-    )
-    try:
-        generate(model, inputs, new_tokens, on_step=on_step)
-    finally:
-        hook.remove()
-    margins = torch.cat(margins)
-    threshold = float(torch.quantile(margins, 1.0 - target_keep_rate))
-    with torch.no_grad():
-        predictor.output_mlp[-1].bias[0] -= threshold
-    return {
-        "target_keep_rate": target_keep_rate,
-        "keep_logit_shift": -threshold,
-        "calibration_tokens": margins.numel(),
-        "margin_std": float(margins.std()),
-    }
+    return calibrate_on_run(model, partial(generate, model, inputs, new_tokens, on_step=on_step), target_keep_rate)
 
 
 def generate(
@@ -193,12 +174,14 @@ def compile_dynamic(settings: BenchSettings, preset: BenchPreset) -> bool:
 
 
 def baseline_generate_kwargs(kind: str, settings: BenchSettings, preset: BenchPreset, device: torch.device) -> dict:
-    """What a transformers user passes to `generate()` for each baseline: nothing (DynamicCache), a StaticCache, or
-    a StaticCache with the decoding step compiled."""
+    """What a transformers user passes to `generate()` for each baseline: nothing (DynamicCache), a StaticCache with
+    eager decoding steps, or a StaticCache with the decoding step compiled."""
     if kind == "default":
         return {}
     if kind == "static":
-        return {"cache_implementation": "static"}
+        # On CUDA generate() compiles the decoding step by itself whenever the cache is compileable (transformers'
+        # StaticCache and ours), with its default CompileConfig; "static" is the eager static cache.
+        return {"cache_implementation": "static", "disable_compile": True}
     config = CompileConfig(
         dynamic=compile_dynamic(settings, preset),
         backend=settings.compile_backend,
