@@ -89,6 +89,13 @@ def test_answers_agree_with_the_scene():
         else:
             assert answer == describe(objects)
             assert all(f"a {obj.size} {obj.name} at the {obj.position}" in answer for obj in objects)
+        # The subject is the object a one-object question names (what `dynamic-llava eval` checks selectors keep).
+        if kind in ("color", "position", "size"):
+            assert sample["subject"] == the_only(objects, "shape", question)
+        elif kind == "shape":
+            assert sample["subject"] == the_only(objects, "color", question)
+        else:
+            assert sample["subject"] is None
 
 
 def test_short_answers_name_their_object_right_before_the_answer_word():

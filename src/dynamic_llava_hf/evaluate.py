@@ -2,7 +2,8 @@
 
 Measures, on samples from a seed that training never uses:
 - short answers (exact match, per kind and overall) at each vision keep rate for the learned predictor, a seeded
-  random choice and the training-free FastV rule (keep 1.0 is the full context, the same for every selector);
+  random choice and the training-free FastV rule (keep 1.0 is the full context, the same for every selector), and
+  the share of objects whose patch each selector keeps: of all objects, and of the one a question asks about;
 - descriptions (exact match and word-level F1) with output-text gating on and off, the realised output keep rate
   and the stored KV bytes against a dense cache;
 - the prefill FLOPs ratio against LLaVA at each keep rate (analytic, `flops.py`).
@@ -118,9 +119,10 @@ def vision_sparsity(selector: str, keep_rate: float, batch_index: int) -> dict:
 
 
 @torch.inference_mode()
-def object_patches_kept(model, processor, samples, selector, keep_rate, batch_size) -> float:
-    """Share of the objects whose patch the selector keeps (each object lies inside one patch; see `synthetic`)."""
-    kept_objects = total = 0
+def patches_kept(model, processor, samples, selector, keep_rate, batch_size) -> dict:
+    """Share of the objects whose patch the selector keeps (each object lies inside one patch; see `synthetic`):
+    of all objects ("objects"), and of the objects the questions ask about ("subjects", one-object questions only)."""
+    kept_objects = total = kept_subjects = subjects = 0
     for index, batch in batches(samples, batch_size):
         inputs = processor(
             text=prompts_for(processor, [s["question"] for s in batch]),
@@ -134,7 +136,10 @@ def object_patches_kept(model, processor, samples, selector, keep_rate, batch_si
             kept = set(kept.tolist())
             kept_objects += sum(obj.patch_index in kept for obj in sample["objects"])
             total += len(sample["objects"])
-    return kept_objects / total
+            if sample["subject"] is not None:
+                kept_subjects += sample["subject"].patch_index in kept
+                subjects += 1
+    return {"objects": kept_objects / total, "subjects": kept_subjects / subjects if subjects else None}
 
 
 def short_answer_accuracy(model, processor, samples, selector, keep_rate, batch_size) -> dict:
@@ -231,9 +236,8 @@ def run_eval(settings: EvalSettings, model=None, processor=None):
         selector_name = "learned" if selector == "full" else selector
         result = short_answer_accuracy(model, processor, short, selector_name, rate, settings.batch_size)
         if selector != "full":
-            result["object_patches_kept"] = object_patches_kept(
-                model, processor, short, selector_name, rate, settings.batch_size
-            )
+            kept = patches_kept(model, processor, short, selector_name, rate, settings.batch_size)
+            result["object_patches_kept"], result["asked_object_kept"] = kept["objects"], kept["subjects"]
         accuracy.setdefault(selector, {})[str(rate)] = result
         progress.update()
     description = {}
@@ -283,18 +287,21 @@ def markdown_report(results: dict) -> str:
         f"Short answers, held-out accuracy (%) over {results['num_short_samples']} questions "
         f"({len(kinds)} kinds); keep 1.0 = full context.",
         "",
-        "| vision keep | selector | object patches kept | prefill FLOPs | overall | " + " | ".join(kinds) + " |",
-        "|---|---|---|---|---|" + "---|" * len(kinds),
+        "| vision keep | selector | object patches kept | asked object kept | prefill FLOPs | overall | "
+        + " | ".join(kinds)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(kinds),
     ]
     full = accuracy["full"]["1.0"]
-    lines.append("| 1.0 | (full) | 100.0 | 1.00 | " + percent(full["overall"]) + " | ")
+    lines.append("| 1.0 | (full) | 100.0 | 100.0 | 1.00 | " + percent(full["overall"]) + " | ")
     lines[-1] += " | ".join(percent(full["per_kind"][kind]) for kind in kinds) + " |"
     for rate in rates:
         for selector in [s for s in SELECTORS if s in accuracy]:
             result = accuracy[selector][rate]
             flops = results["prefill_flops_ratio"].get(rate)
             lines.append(
-                f"| {rate} | {selector} | {percent(result['object_patches_kept'])} | {flops:.2f} | "
+                f"| {rate} | {selector} | {percent(result['object_patches_kept'])} | "
+                f"{percent(result['asked_object_kept'])} | {flops:.2f} | "
                 f"{percent(result['overall'])} | "
                 + " | ".join(percent(result["per_kind"][kind]) for kind in kinds)
                 + " |"

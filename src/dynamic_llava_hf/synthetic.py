@@ -10,11 +10,12 @@ with its size, colour, shape and position (30 to 60 tokens), for the output-text
 
     >>> sample = make_samples(1, seed=0)[0]
     >>> sorted(sample)
-    ['answer', 'image', 'kind', 'objects', 'question']
+    ['answer', 'image', 'kind', 'objects', 'question', 'subject']
 """
 
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -143,7 +144,7 @@ def render_scene(scene: list[SceneObject], rng: random.Random) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Questions: each returns (question, answer), or None when the scene does not allow the question
+# Questions: each returns a `Question`, or None when the scene does not allow the question
 #
 # Every short question names its object by ONE attribute that is unique in the scene (its shape, or its colour), and
 # every short answer repeats that word right before the answer word: "What color is the circle?" -> "The circle red.".
@@ -151,6 +152,12 @@ def render_scene(scene: list[SceneObject], rng: random.Random) -> Image.Image:
 # patches is a single attention lookup keyed by that token. A small model trained from scratch learns this in a few
 # hundred steps; answers that start with the answer word ("red"), or that name the object by two words ("the red
 # circle small"), need a second hop to carry the identifying word(s) along and stayed near chance after thousands.
+
+
+class Question(NamedTuple):
+    text: str
+    answer: str
+    subject: SceneObject | None = None  # the one object the question is about, if it is about one
 
 
 def plural(shape: str) -> str:
@@ -168,46 +175,46 @@ def ask_color(scene, rng):
     obj = pick_unique(scene, "shape", rng)
     if obj is None:
         return None
-    return f"What color is the {obj.shape}?", f"The {obj.shape} {obj.color}."
+    return Question(f"What color is the {obj.shape}?", f"The {obj.shape} {obj.color}.", obj)
 
 
 def ask_shape(scene, rng):
     obj = pick_unique(scene, "color", rng)
     if obj is None:
         return None
-    return f"What shape is the {obj.color} object?", f"The {obj.color} {obj.shape}."
+    return Question(f"What shape is the {obj.color} object?", f"The {obj.color} {obj.shape}.", obj)
 
 
 def ask_count(scene, rng):
     if rng.random() < 0.4:
-        return "How many objects are there?", f"Objects {len(scene)}."
+        return Question("How many objects are there?", f"Objects {len(scene)}.")
     shape = rng.choice(SHAPES)
     count = sum(obj.shape == shape for obj in scene)
-    return f"How many {plural(shape)} are there?", f"The {plural(shape)} {count}."
+    return Question(f"How many {plural(shape)} are there?", f"The {plural(shape)} {count}.")
 
 
 def ask_position(scene, rng):
     obj = pick_unique(scene, "shape", rng)
     if obj is None:
         return None
-    return f"Where is the {obj.shape}?", f"The {obj.shape} {obj.position}."
+    return Question(f"Where is the {obj.shape}?", f"The {obj.shape} {obj.position}.", obj)
 
 
 def ask_exists(scene, rng):
     if rng.random() < 0.5:
         shape = rng.choice(SHAPES)
         answer = "yes" if any(obj.shape == shape for obj in scene) else "no"
-        return f"Is there a {shape}?", f"A {shape} {answer}."
+        return Question(f"Is there a {shape}?", f"A {shape} {answer}.")
     color = rng.choice(tuple(COLORS))
     answer = "yes" if any(obj.color == color for obj in scene) else "no"
-    return f"Is there anything {color}?", f"Anything {color} {answer}."
+    return Question(f"Is there anything {color}?", f"Anything {color} {answer}.")
 
 
 def ask_size(scene, rng):
     obj = pick_unique(scene, "shape", rng)
     if obj is None:
         return None
-    return f"Is the {obj.shape} small or large?", f"The {obj.shape} {obj.size}."
+    return Question(f"Is the {obj.shape} small or large?", f"The {obj.shape} {obj.size}.", obj)
 
 
 def describe(scene: list[SceneObject]) -> str:
@@ -217,7 +224,7 @@ def describe(scene: list[SceneObject]) -> str:
 
 
 def ask_describe(scene, rng):
-    return "Describe the image.", describe(scene)
+    return Question("Describe the image.", describe(scene))
 
 
 QUESTIONS = {
@@ -239,8 +246,8 @@ def sample_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"dynamic-llava-synthetic/{seed}/{index}")
 
 
-def ask(kind: str, scene: list[SceneObject], rng: random.Random) -> tuple[str, str] | None:
-    """A question of `kind` about `scene` and its answer, or None if the scene does not allow one."""
+def ask(kind: str, scene: list[SceneObject], rng: random.Random) -> Question | None:
+    """A question of `kind` about `scene` (its text, answer and subject), or None if the scene does not allow one."""
     return QUESTIONS[kind](scene, rng)
 
 
@@ -258,16 +265,23 @@ def make_sample(
     kind = kinds[index % len(kinds)]
     while True:
         scene = random_scene(rng, min_objects, max_objects)
-        qa = ask(kind, scene, rng)
-        if qa is not None:
+        question = ask(kind, scene, rng)
+        if question is not None:
             break
-    question, answer = qa
-    return {"image": render_scene(scene, rng), "question": question, "answer": answer, "kind": kind, "objects": scene}
+    return {
+        "image": render_scene(scene, rng),
+        "question": question.text,
+        "answer": question.answer,
+        "kind": kind,
+        "objects": scene,
+        "subject": question.subject,
+    }
 
 
 def make_samples(n: int, seed: int, kinds=None) -> list[dict]:
-    """`n` samples, deterministic for `seed`: dicts with `image` (PIL RGB, 96x96), `question`, `answer`, `kind` and
-    `objects` (the scene, a list of `SceneObject`). Kinds cycle in the order given (default: all of `KINDS`)."""
+    """`n` samples, deterministic for `seed`: dicts with `image` (PIL RGB, 96x96), `question`, `answer`, `kind`,
+    `objects` (the scene, a list of `SceneObject`) and `subject` (the object a colour, shape, position or size
+    question is about; None for the other kinds). Kinds cycle in the order given (default: all of `KINDS`)."""
     kinds = check_kinds(kinds)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -296,4 +310,14 @@ def corpus_texts() -> list[str]:
     return texts
 
 
-__all__ = ["KINDS", "LONG_KINDS", "SHORT_KINDS", "SceneObject", "ask", "describe", "make_samples", "random_scene"]
+__all__ = [
+    "KINDS",
+    "LONG_KINDS",
+    "SHORT_KINDS",
+    "Question",
+    "SceneObject",
+    "ask",
+    "describe",
+    "make_samples",
+    "random_scene",
+]
