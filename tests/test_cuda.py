@@ -28,8 +28,8 @@ import torch
 from transformers import CLIPVisionConfig, CompileConfig
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
-from mask_reference import generation_positions
 from test_generation import ROWS, generate, rows_alone
+from test_modeling_prefill import run as prefill
 from tiny_models import build_prompts, llava_twin, tiny_model, tiny_vision_config
 
 
@@ -221,17 +221,6 @@ def report(notes) -> None:
     for note in notes:
         print(note)
         warnings.warn(f"near tie, compared up to it: {note}")
-
-
-def prefill(model, input_ids, attention_mask, pixel_values, **kwargs):
-    with torch.no_grad():
-        return model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            position_ids=generation_positions(attention_mask),
-            **kwargs,
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

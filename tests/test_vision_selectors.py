@@ -7,6 +7,7 @@ from tiny_models import build_prompts, images_per_row, llava_twin, tiny_config, 
 
 from dynamic_llava_hf import DynamicLlavaConfig, SparsitySettings
 from mask_reference import generation_positions
+from test_modeling_prefill import run
 
 
 TOKENS_PER_IMAGE = 9
@@ -14,17 +15,6 @@ TOKENS_PER_IMAGE = 9
 RAGGED_ROWS = [(2, 1, 6), (9, 0, 3), (1, 2, 2), (5, 1, 1)]
 ROWS = [(3, 1, 5), (8, 1, 2), (1, 1, 1)]
 NEW_TOKENS = 6
-
-
-def run(model, input_ids, attention_mask, pixel_values, **kwargs):
-    with torch.no_grad():
-        return model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            position_ids=generation_positions(attention_mask),
-            **kwargs,
-        )
 
 
 def generate(model, input_ids, attention_mask, pixel_values, **kwargs):
