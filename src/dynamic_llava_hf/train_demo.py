@@ -178,8 +178,8 @@ class HeldOutAccuracyCallback(TrainerCallback):
 
 
 def run_stage(model, processor, args, seed: int, heldout_every: int = 0) -> dict:
-    """Trains `model` in place; returns the stage's log (Trainer log history and wall time). The Trainer's
-    `output_dir` is only a scratch folder (nothing is checkpointed)."""
+    """Trains `model` in place on the samples of stream `seed`; returns the stage's log (Trainer log history, wall
+    time, `data_seed`). The Trainer's `output_dir` is only a scratch folder (nothing is checkpointed)."""
     length = args.max_steps * args.per_device_train_batch_size
     dataset = SyntheticConversationDataset(processor, length, seed)
     trainer = DynamicLlavaTrainer(
@@ -191,7 +191,11 @@ def run_stage(model, processor, args, seed: int, heldout_every: int = 0) -> dict
     )
     start = time.perf_counter()
     trainer.train()
-    return {"wall_seconds": round(time.perf_counter() - start, 1), "log_history": trainer.state.log_history}
+    return {
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "data_seed": seed,
+        "log_history": trainer.state.log_history,
+    }
 
 
 def patch_labels(objects, num_patches: int) -> torch.LongTensor:
@@ -351,9 +355,8 @@ def train_demo(
             print(f"{name}: teacher-forced accuracy {stage_log['teacher_forced_accuracy']['overall']:.1%}")
     model.eval()
     model.generation_config = demo_generation_config(model.config)
-    # Stage 2 drew its pictures from seed + TRAIN_SEED + 1 (`train_stage2`).
     calibration_samples = 4 if tiny else CALIBRATION_DESCRIPTIONS
-    log2["output_calibration"] = calibrate_output_gating(model, processor, seed + TRAIN_SEED + 1, calibration_samples)
+    log2["output_calibration"] = calibrate_output_gating(model, processor, log2["data_seed"], calibration_samples)
     if progress:
         print(f"output-text predictor calibrated: {log2['output_calibration']}")
     model.save_pretrained(out)
