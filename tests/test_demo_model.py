@@ -25,15 +25,15 @@ from dynamic_llava_hf.synthetic import LONG_KINDS, SHORT_KINDS, make_samples
 FIXTURE_SEED = 777  # neither a training seed (1-3) nor the eval seed
 QUESTIONS_PER_KIND = 8  # 48 questions
 # Floors a few questions below what the shipped model measures on this fixed set (the held-out eval on 600 questions
-# is in the README): full context 89.6% (43 of 48), learned selector at vision keep 0.2 89.6%, random 72.9%, FastV
-# 91.7%; object patches kept at 0.2: learned 100%, random 18% (about 7/36 expected), FastV 74%.
-MIN_FULL_ACCURACY = 0.85
+# is in the README: 97.7% with full context): full context 93.8% (45 of 48), learned selector at vision keep 0.2 95.8%,
+# random 54.2%, FastV 95.8%; object patches kept at 0.2: learned 100%, random 18% (about 7/36 expected), FastV 100%.
+MIN_FULL_ACCURACY = 0.9
 MAX_DROP_AT_KEEP_02 = 0.03  # learned selector at vision keep 0.2 vs full context: at most one question lost
-MIN_GAIN_OVER_RANDOM = 0.10  # learned vs random at keep 0.2 (measured: 8 questions, 16.7 points)
+MIN_GAIN_OVER_RANDOM = 0.15  # learned vs random at keep 0.2 (measured: 41.7 points, 20 of 48 questions)
 LEARNED_OBJECTS_KEPT = 0.95
 RANDOM_OBJECTS_KEPT = 0.40
-# Descriptions, one at a time (measured on these 10: realised output keep 0.497, word F1 95.1 gated and not, the
-# generated tokens' KV at 0.58 of dense).
+# (At keep 0.1, asked object kept: FastV 90.6%, learned 78.1%.) Descriptions, one at a time (measured on these 10:
+# realised output keep 0.500, all 10 exact with gating on and off, the generated tokens' KV at 0.58 of dense).
 DESCRIPTIONS = 10
 OUTPUT_KEEP_RANGE = (0.4, 0.6)
 MAX_F1_DROP_WITH_GATING = 0.02
@@ -97,9 +97,15 @@ def test_keep_02_costs_no_accuracy_and_the_predictor_keeps_the_objects(demo, fix
     kept = {selector: share["objects"] for selector, share in shares.items()}
     assert kept["learned"] >= LEARNED_OBJECTS_KEPT, kept
     assert kept["random"] <= RANDOM_OBJECTS_KEPT, kept
-    assert kept["fastv"] < kept["learned"], kept  # the training-free rule finds fewer of the objects here
-    # ... but it scores image tokens by the question's attention, so it keeps the one asked about more often.
-    assert shares["fastv"]["subjects"] > kept["fastv"], shares
+    # The training-free rule finds the objects too, on this trained model's attention at `sparse_layer`.
+    assert kept["fastv"] >= LEARNED_OBJECTS_KEPT, kept
+    # With room for fewer patches than objects (3 of 36), FastV, which ranks by the question's attention, keeps the
+    # object asked about more often than the image predictor, which cannot know the question.
+    tight = {
+        selector: patches_kept(model, processor, fixed_questions, selector, 0.1, batch_size=48)["subjects"]
+        for selector in ("learned", "fastv")
+    }
+    assert tight["fastv"] > tight["learned"], tight
 
 
 def test_output_gating_keeps_about_half_and_the_descriptions(demo):

@@ -7,6 +7,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from dynamic_llava_hf import DynamicLlavaForConditionalGeneration
 from dynamic_llava_hf.cli import main
 from dynamic_llava_hf.synthetic import SHORT_KINDS
+from dynamic_llava_hf.train_demo import STAGE1_INIT_STD
 
 
 def test_train_demo_smoke_run_writes_a_loadable_dynamic_llava(tmp_path, capsys):
@@ -44,7 +45,11 @@ def test_train_demo_smoke_run_writes_a_loadable_dynamic_llava(tmp_path, capsys):
     for stage in ("stage1", "stage2"):
         check = log[stage]["teacher_forced_accuracy"]
         assert set(check["per_kind"]) == set(SHORT_KINDS) and 0.0 <= check["overall"] <= 1.0
-    assert "Teacher-forced accuracy" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "Teacher-forced accuracy" in card
+    # Stage 1b's projector and Llama start from a wider init than transformers' default (it shortens the plateau).
+    assert log["stage1"]["init_std"] == STAGE1_INIT_STD != 0.02
+    assert f"from scratch with initial weight std {STAGE1_INIT_STD};" in card
     # Stage 2 ends by setting the output-text predictor's threshold to its trained keep rate.
     calibration = log["stage2"]["output_calibration"]
     assert calibration["target_keep_rate"] == 0.5 and calibration["calibration_tokens"] > 0
@@ -53,6 +58,9 @@ def test_train_demo_smoke_run_writes_a_loadable_dynamic_llava(tmp_path, capsys):
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert type(model) is DynamicLlavaForConditionalGeneration
     assert model.config.use_vision_predictor and model.config.use_output_text_predictor
+    # (a few steps leave the initial spread: STAGE1_INIT_STD, not the default 0.02)
+    query = model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert abs(query.std().item() - STAGE1_INIT_STD) < 0.2 * STAGE1_INIT_STD
     processor = AutoProcessor.from_pretrained(out)
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
 

@@ -211,10 +211,12 @@ def ask_exists(scene, rng):
 
 
 def ask_size(scene, rng):
+    # Worded like the colour question. Asked as "Is the circle small or large?", the model's lookup put 0.30 of its
+    # attention on the object (0.98 for colour) and answered at chance after full training.
     obj = pick_unique(scene, "shape", rng)
     if obj is None:
         return None
-    return Question(f"Is the {obj.shape} small or large?", f"The {obj.shape} {obj.size}.", obj)
+    return Question(f"What size is the {obj.shape}?", f"The {obj.shape} {obj.size}.", obj)
 
 
 def describe(scene: list[SceneObject]) -> str:
