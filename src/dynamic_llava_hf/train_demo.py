@@ -398,8 +398,6 @@ def stage_summary(stage_log: dict) -> str:
 def heldout_summary(stage_log: dict) -> str:
     """The held-out teacher-forced accuracy logged during the stage (mean over the short kinds), at a few steps."""
     entries = [entry for entry in stage_log["log_history"] if "heldout_teacher_forced" in entry]
-    if not entries:  # logs of earlier runs have none
-        return ""
     shown = entries[3::4] if len(entries) >= 8 else entries
     points = [
         f"{sum(e['heldout_teacher_forced'].values()) / len(e['heldout_teacher_forced']):.0%} @{e['step']}"
@@ -410,19 +408,11 @@ def heldout_summary(stage_log: dict) -> str:
 
 def vision_summary(vision_log: dict) -> str:
     last = vision_log["log_history"][-1]
-    text = f"loss {last['loss']:.4f}, patch accuracy {last['patch_accuracy']:.3f}"
-    if "object_patch_accuracy" in last:  # logs of earlier runs have none
-        text += (
-            " (on object patches: "
-            + ", ".join(f"{name} {value:.3f}" for name, value in last["object_patch_accuracy"].items())
-            + ")"
-        )
-    return text + f" at the end; {vision_log['wall_seconds'] / 60:.1f} min"
-
-
-def init_note(stage1_log: dict) -> str:
-    std = stage1_log.get("init_std")  # logs of earlier runs have none (they used transformers' 0.02)
-    return f" with initial weight std {std}" if std else ""
+    per_label = ", ".join(f"{name} {value:.3f}" for name, value in last["object_patch_accuracy"].items())
+    return (
+        f"loss {last['loss']:.4f}, patch accuracy {last['patch_accuracy']:.3f} (on object patches: {per_label}) at "
+        f"the end; {vision_log['wall_seconds'] / 60:.1f} min"
+    )
 
 
 def demo_model_card(log: dict, results_markdown: str | None = None) -> str:
@@ -453,33 +443,27 @@ def demo_model_card(log: dict, results_markdown: str | None = None) -> str:
         f"that are then dropped; {vision['steps']} "
         f"steps of batch "
         f"{vision['batch_size']}: {vision_summary(stage1['vision_pretraining'])}.",
-        f"- Stage 1b (LLaVA-1.5, full context, on the frozen vision tower; projector and LLM from scratch"
-        f"{init_note(stage1)}; pictures of 1 to 5 objects): {stage1['settings']['steps']} steps of batch "
-        f"{stage1['settings']['batch_size']}, lr {stage1['settings']['learning_rate']}: {stage_summary(stage1)}."
-        f"{heldout_summary(stage1)}",
+        f"- Stage 1b (LLaVA-1.5, full context, on the frozen vision tower; projector and LLM from scratch with "
+        f"initial weight std {stage1['init_std']}; pictures of 1 to 5 objects): {stage1['settings']['steps']} steps "
+        f"of batch {stage1['settings']['batch_size']}, lr {stage1['settings']['learning_rate']}: "
+        f"{stage_summary(stage1)}.{heldout_summary(stage1)}",
         f"- Stage 2 (Dynamic-LLaVA: predictors added, vision tower and projector frozen, LLM lr "
         f"{stage2['settings']['learning_rate']}, predictor lr {stage2['settings']['predictor_lr']}, Gumbel tau 1 -> "
         f"0.1, keep-rate targets 0.2 image / 0.5 output text): {stage2['settings']['steps']} steps of batch "
         f"{stage2['settings']['batch_size']}: {stage_summary(stage2)}.",
         f"- Seed {log['seed']}, {log['threads']} CPU thread(s); the full log is `training_log.json`.",
     ]
-    checks = [(name, log[key].get("teacher_forced_accuracy")) for name, key in (("1b", "stage1"), ("2", "stage2"))]
-    if all(result for _, result in checks):  # logs of runs before the check was added have none
-        lines.append(
-            "- Teacher-forced accuracy on held-out short questions (every answer token right given the true prefix, "
-            "full context): "
-            + ", ".join(f"after stage {name} {result['overall']:.1%}" for name, result in checks)
-            + "."
-        )
-    calibration = stage2.get("output_calibration")
-    if calibration:  # logs of runs before the calibration was added have none
-        lines.append(
-            f"- Then the output-text predictor's threshold was set so that its argmax keeps the share it was trained "
-            f"to keep ({calibration['target_keep_rate']}) of {calibration['calibration_tokens']} generated tokens "
-            f"of descriptions of stage-2 training pictures (the argmax had kept "
-            f"{calibration['keep_rate_before']:.0%}; keep-logit shift {calibration['keep_logit_shift']:+.3f}; "
-            f"`dynamic_llava_hf.train.calibration`)."
-        )
+    calibration = stage2["output_calibration"]
+    lines += [
+        "- Teacher-forced accuracy on held-out short questions (every answer token right given the true prefix, full "
+        f"context): after stage 1b {stage1['teacher_forced_accuracy']['overall']:.1%}, after stage 2 "
+        f"{stage2['teacher_forced_accuracy']['overall']:.1%}.",
+        f"- Then the output-text predictor's threshold was set so that its argmax keeps the share it was trained "
+        f"to keep ({calibration['target_keep_rate']}) of {calibration['calibration_tokens']} generated tokens "
+        f"of descriptions of stage-2 training pictures (the argmax had kept "
+        f"{calibration['keep_rate_before']:.0%}; keep-logit shift {calibration['keep_logit_shift']:+.3f}; "
+        f"`dynamic_llava_hf.train.calibration`).",
+    ]
     if results_markdown:
         lines += ["", "## Held-out evaluation (`dynamic-llava eval`)", "", results_markdown]
     return "\n".join(lines) + "\n"

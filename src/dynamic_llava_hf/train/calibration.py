@@ -17,14 +17,15 @@ import torch
 @contextmanager
 def recorded_output_text_margins(model):
     """Within the block, every output-text predictor call appends its keep-minus-drop logit margins (a flat float32
-    CPU tensor per call) to the yielded list."""
+    tensor per call, left on the model's device: a copy to the host would synchronise every decoding step) to the
+    yielded list."""
     predictor = model.model.output_text_score_predictor
     if predictor is None:
         raise ValueError("the model has no output-text predictor (config.use_output_text_predictor is off)")
     margins = []
 
     def record(module, args, logits):
-        margins.append((logits[..., 0] - logits[..., 1]).detach().float().flatten().cpu())
+        margins.append((logits[..., 0] - logits[..., 1]).detach().float().flatten())
 
     hook = predictor.register_forward_hook(record)
     try:
@@ -44,7 +45,7 @@ def calibrate_output_text_predictor(model, run: Callable[[], object], keep_rate:
         run()
     if not recorded:
         raise RuntimeError("the calibration run never called the output-text predictor (did it generate?)")
-    margins = torch.cat(recorded)
+    margins = torch.cat(recorded).cpu()
     before = float((margins > 0).float().mean())
     threshold = float(torch.quantile(margins, 1.0 - keep_rate))
     # The last layer maps to (keep, drop) logits; lowering the keep logit by the threshold moves the decision
