@@ -11,7 +11,9 @@ from dynamic_llava_hf.bench import (
     build_models,
     calibrate_output_text_predictor,
     make_inputs,
+    run_benchmark,
 )
+from dynamic_llava_hf.bench.measure import output_keep_pattern
 from dynamic_llava_hf.cli import main
 
 BENCH_ARGS = [
@@ -179,6 +181,41 @@ def test_bad_settings_are_rejected(capsys):
         BenchSettings(new_tokens=(1,)).validate()
     assert main(["bench", "--preset", "tiny", "--sweep-keep-rates", "0", "--analytic-only"]) == 1
     assert "keep rates must lie in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="output_keep_pattern must be one of"):
+        BenchSettings(output_keep_pattern="every-third").validate()
+    with pytest.raises(ValueError, match="keeps 0.5 of each row"):
+        BenchSettings(output_keep_pattern="alternate", output_keep_rate=0.3).validate()
+
+
+def test_alternate_pattern_keeps_half_of_every_row():
+    """`output_keep_pattern="alternate"`: every row keeps every other generated token, in the dynamic cache and in
+    the compiled fixed-capacity mode alike (same decisions, so the same tokens); no calibration run."""
+    settings = BenchSettings(
+        preset="tiny",
+        device="cpu",
+        prefill_batch_sizes=(),
+        decode_batch_sizes=(3,),
+        new_tokens=(9,),  # 8 decoding steps: 4 kept per row
+        sweep_keep_rates=(),
+        baselines=(),
+        our_modes=("compiled",),
+        compile_backend="eager",
+        output_keep_pattern="alternate",
+        progress=False,
+    )
+    (row,) = run_benchmark(settings)["decode"]
+    assert row["calibration"] == {"pattern": "alternate"}
+    assert row["ours"]["output_keep_rate"] == 0.5 and row["ours"]["output_keep_rate_row_range"] == [0.5, 0.5]
+    assert row["our_modes"]["compiled"]["same_tokens_as_dynamic_cache"] is True
+
+
+def test_output_keep_pattern_is_undone_after_the_block():
+    model, _ = build_models(PRESETS["tiny"], torch.device("cpu"), torch.float32)
+    with output_keep_pattern(model, "alternate"):
+        assert "output_text_keep" in vars(model.model)
+    assert "output_text_keep" not in vars(model.model)
+    with output_keep_pattern(model, "calibrated"):
+        assert "output_text_keep" not in vars(model.model)
 
 
 def test_baseline_shares_the_weights_and_matches_with_sparsity_off():

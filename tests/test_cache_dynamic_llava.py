@@ -90,9 +90,27 @@ def test_storage_grows_geometrically():
     for token in range(5, 5 + 2 * first_capacity):
         ones = torch.ones(1, 1, dtype=torch.bool)
         step(cache, torch.tensor([[token]]), ones, ones)
-    # 2 x capacity appends with x1.5 growth: two reallocations per layer, not one per step.
-    assert all(layer.growth_events == 2 for layer in cache.layers)
+    # 4 + 2 x 64 entries with x1.25 growth (64 -> 81 -> 102 -> 128 -> 161): four reallocations per layer, not one
+    # per step.
+    assert all(layer.growth_events == 4 for layer in cache.layers)
+    assert all(layer.capacity == 161 for layer in cache.layers)
     assert stored(cache, 0, 0) == list(range(1, 5 + 2 * first_capacity))
+
+
+def test_storage_grows_no_further_than_the_expected_tokens():
+    """`expected_tokens` (generate() sets prompt + new tokens) caps growth while it suffices; past it, the cache
+    still stores everything and grows geometrically again."""
+    cache = new_cache()
+    cache.expected_tokens = 90
+    ones = torch.ones(1, 1, dtype=torch.bool)
+    step(cache, torch.arange(1, 5)[None], torch.ones(1, 4, dtype=torch.bool), torch.ones(1, 4, dtype=torch.bool))
+    for token in range(5, 91):
+        step(cache, torch.tensor([[token]]), ones, ones)
+    assert all(layer.capacity == 90 for layer in cache.layers)  # 64 -> 81 -> 90, not 102
+    assert cache.groups[0].positions.shape[1] == 90
+    step(cache, torch.tensor([[91]]), ones, ones)
+    assert all(layer.capacity == 91 + 91 // 4 for layer in cache.layers)
+    assert stored(cache, 0, 0) == list(range(1, 92))
 
 
 def test_a_prefill_storing_everything_is_a_block_copy_and_leaves_the_headroom_alone():

@@ -6,11 +6,12 @@ of entries, and the two groups of layers differ too.
 
 Storage: each layer owns a preallocated buffer `[batch, kv_heads, capacity, head_dim]`; row `b` holds its entries in
 slots `[0, lengths[b])` (left-aligned, original order) and everything behind is scratch. The buffer grows
-geometrically, so appending is amortised O(1) and never copies the cache per step; new room is left uninitialised
-and zeroed only shortly before attention first reads it (see `DynamicLlavaLayer.finite_width`). All layers of a group
-share one `RowLengths` (their decisions are the same), so the per-row bookkeeping, write slots included, is done once
-per step, not once per layer; it includes the input position (attention-mask column) of every stored entry, to map
-attention weights back to it.
+geometrically (x1.25), so appending is amortised O(1) and never copies the cache per step, and not past
+`expected_tokens` (`generate()` sets it to prompt + new tokens: no layer stores more entries than tokens seen). New
+room is left uninitialised and zeroed only shortly before attention first reads it (see
+`DynamicLlavaLayer.finite_width`). All layers of a group share one `RowLengths` (their decisions are the same), so
+the per-row bookkeeping, write slots included, is done once per step, not once per layer; it includes the input
+position (attention-mask column) of every stored entry, to map attention weights back to it.
 
 The step protocol (the whole contract between the model and this cache):
 
@@ -105,6 +106,7 @@ class RowLengths:
         self.max_length = 0
         self.min_length = 0
         self.plan: StepPlan | None = None
+        self.expected_tokens: int | None = None  # the cache's growth hint (`DynamicLlavaCache.expected_tokens`)
 
     def advance(self, first_position: int) -> None:
         """Adds what the current step's plan persisted to the lengths (extrema: see `refresh_extrema`) and records
@@ -115,7 +117,7 @@ class RowLengths:
             self.positions = self.lengths.new_zeros(batch, 0)
         needed = self.max_length + num_new
         if needed > self.positions.shape[1]:
-            grown = self.positions.new_zeros(batch, _grown_capacity(needed))
+            grown = self.positions.new_zeros(batch, _grown_capacity(needed, self.expected_tokens))
             grown[:, : self.positions.shape[1]] = self.positions
             self.positions = grown
         slots = self.lengths[:, None] + storage_rank(persist)
@@ -134,9 +136,11 @@ def refresh_extrema(groups: list[RowLengths]) -> None:
         rows.min_length, rows.max_length = int(low), int(high)
 
 
-def _grown_capacity(needed: int) -> int:
-    # Geometric growth (x1.5) keeps appends amortised O(1) while over-allocating by at most half.
-    return max(needed + needed // 2, 64)
+def _grown_capacity(needed: int, expected_tokens: int | None = None) -> int:
+    # Geometric growth keeps appends amortised O(1); x1.25 over-allocates by at most a quarter (each growth copies the
+    # layer once, about 5x its final size in all). Not past the expected tokens while they suffice.
+    capacity = max(needed + needed // 4, 64)
+    return capacity if expected_tokens is None or needed > expected_tokens else min(capacity, expected_tokens)
 
 
 class DynamicLlavaLayer(CacheLayerMixin):
@@ -193,7 +197,7 @@ class DynamicLlavaLayer(CacheLayerMixin):
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        capacity = _grown_capacity(needed)
+        capacity = _grown_capacity(needed, self.rows.expected_tokens)
         keys, values = self.key_buffer, self.value_buffer
         grown_keys = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
         grown_values = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
@@ -297,6 +301,17 @@ class DynamicLlavaCache(Cache):
         # Per-row (seen, kept) counters behind `sparsity_report()`, by kind: "image" tokens, and "generated" tokens
         # (those fed one at a time after a prefill).
         self.token_counts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def expected_tokens(self) -> int | None:
+        """A growth hint: the tokens this cache is expected to see in all (`generate()` sets prompt + new tokens). No
+        layer stores more entries than tokens seen, so no buffer grows past it; beyond it, growth goes on as usual."""
+        return self.groups[FULL_GROUP].expected_tokens
+
+    @expected_tokens.setter
+    def expected_tokens(self, value: int | None) -> None:
+        for rows in self.groups:
+            rows.expected_tokens = value
 
     def check_fits(self, config, batch_size: int) -> None:
         """Raises a `ValueError` when this cache was filled for another batch or built for a model whose layers split

@@ -37,9 +37,11 @@ class DynamicLlavaGenerationMixin:
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
         cache = model_kwargs.get(CACHE_NAME)
         if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs[CACHE_NAME] = DynamicLlavaCache(self.config)
-        elif isinstance(cache, DynamicLlavaStaticCache):  # passed back for a later turn: room for its tokens too
+            cache = model_kwargs[CACHE_NAME] = DynamicLlavaCache(self.config)
+        if isinstance(cache, DynamicLlavaStaticCache):  # passed back for a later turn: room for its tokens too
             cache.reserve(max_cache_length)
+        elif isinstance(cache, DynamicLlavaCache) and max_cache_length:
+            cache.expected_tokens = max_cache_length  # its buffers grow no further than this generation can reach
 
     def init_continuous_batching(self, *args, **kwargs):
         """Refuses continuous batching (`generate_batch`, `continuous_batching_context_manager` and `transformers

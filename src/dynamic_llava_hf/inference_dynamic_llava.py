@@ -108,9 +108,13 @@ class InferenceDecisionsMixin:
             after_image = (columns > last_image) & (last_image >= 0)
             plan.remove(text & after_image & ~instruct_keep)
 
+    def output_text_keep(self, step: DecoderStep) -> torch.Tensor:
+        """`[batch, new_tokens]`: whether the output-text predictor keeps each token's K/V."""
+        return keep_decision(self.output_text_score_predictor(step.hidden_states))
+
     def gate_output_text(self, plan: SparseLayerPlan, step: DecoderStep) -> None:
-        """Keeps a generated token's K/V for later steps iff the output-text predictor says so."""
-        output_keep = keep_decision(self.output_text_score_predictor(step.hidden_states))
+        """Keeps a generated token's K/V for later steps iff `output_text_keep` says so."""
+        output_keep = self.output_text_keep(step)
         if step.has_past:
             # Decoding with a cache: the new token sees itself now and is stored only if kept.
             plan.skip_storing(~output_keep)

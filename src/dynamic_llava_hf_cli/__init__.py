@@ -402,6 +402,13 @@ def add_bench_command(commands) -> None:
     bench.add_argument("--decode-repeats", type=int, help="timed generations per decoding point")
     bench.add_argument("--vision-keep-rate", type=float, help="share of image tokens kept (default: the config's)")
     bench.add_argument("--output-keep-rate", type=float, help="calibration target of the output keep rate")
+    bench.add_argument(
+        "--output-keep-pattern",
+        choices=("calibrated", "alternate"),
+        help="calibrated (default): the random output-text predictor, biased to keep --output-keep-rate of all "
+        "generated tokens (rows differ widely); alternate: a fixed rule keeping every other generated token of every "
+        "row (0.5 per row, labelled in the report)",
+    )
     bench.add_argument("--sweep-keep-rates", type=float, nargs="*", help="vision keep rates of the prefill sweep")
     bench.add_argument("--sweep-batch-size", type=int, help="batch size of the prefill sweep")
     bench.add_argument("--seed", type=int, help="seed of the random weights and inputs")
@@ -453,6 +460,7 @@ BENCH_SETTINGS = (
     "decode_repeats",
     "vision_keep_rate",
     "output_keep_rate",
+    "output_keep_pattern",
     "sweep_keep_rates",
     "sweep_batch_size",
     "seed",

@@ -20,13 +20,16 @@ copy). Both are measured alternately, so load changes on a shared machine hit bo
 Random predictors keep or drop almost every generated token. So before each timed decoding point an untimed run with
 the same inputs and length shifts the output-text predictor's keep/drop bias to the quantile that keeps
 `output_keep_rate` of its generated tokens; the realised rate of the timed run is reported (overall and per row: a
-random model repeats a few tokens per row, so its decisions differ far more between rows than within one).
+random model repeats a few tokens per row, so its decisions differ far more between rows than within one, and the
+cache pads every row to the longest). `output_keep_pattern="alternate"` instead replaces the predictor's decision by a
+fixed rule that keeps every other generated token of every row: the memory a cache holding half of each reply needs.
 """
 
 import os
 import platform
 import statistics
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 
@@ -137,6 +140,27 @@ def calibrate_output_text_predictor(
     `inputs` would have been kept (a random predictor keeps or drops nearly all of them). Returns what it did.
     `on_step` is called at each generation step of that run."""
     return calibrate_on_run(model, partial(generate, model, inputs, new_tokens, on_step=on_step), target_keep_rate)
+
+
+def keep_every_other_token(step) -> torch.Tensor:
+    """`output_text_keep` of the "alternate" pattern: keeps the tokens at even input positions, in every row (so a
+    decoding step keeps every other generated token; no host read, so it compiles)."""
+    positions = step.past_seen + torch.arange(step.num_new, device=step.valid.device)
+    return (positions % 2 == 0).expand_as(step.valid)
+
+
+@contextmanager
+def output_keep_pattern(model, pattern: str):
+    """Within the block, `model` decides which generated tokens to keep by `pattern` ("calibrated": its own
+    predictor; "alternate": `keep_every_other_token`)."""
+    if pattern == "calibrated":
+        yield
+        return
+    model.model.output_text_keep = keep_every_other_token  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del model.model.output_text_keep
 
 
 def generate(
@@ -288,8 +312,12 @@ def run_benchmark(settings: BenchSettings) -> dict:
     kinds = [*settings.baselines, *settings.our_modes]
     sides = 2 + len(kinds)
     warmups = WARMUP_TOKENS * (1 + kinds.count("static"))
+    calibrated = settings.output_keep_pattern == "calibrated"
     decode_steps = sum(
-        tokens * (1 + kinds.count("compiled")) + warmups + sides * settings.decode_repeats * tokens
+        (tokens if calibrated else WARMUP_TOKENS)
+        + tokens * kinds.count("compiled")
+        + warmups
+        + sides * settings.decode_repeats * tokens
         for _, tokens in decode_grid
     )
     with torch.inference_mode():
@@ -300,7 +328,10 @@ def run_benchmark(settings: BenchSettings) -> dict:
             ]
         results["load_average"]["after_prefill"] = load_average()
 
-        with phase_bar("Decoding", decode_steps, "step") as bar:
+        with (
+            phase_bar("Decoding", decode_steps, "step") as bar,
+            output_keep_pattern(model, settings.output_keep_pattern),
+        ):
             results["decode"] = [
                 measure_decode(*models, batch, tokens, settings, stopwatch, tick=bar.update)
                 for batch, tokens in decode_grid
@@ -413,7 +444,11 @@ def measure_decode(model, baseline, preset, shape, base_shape, batch, tokens, se
     device, dtype = model.device, model.dtype
     inputs = make_inputs(preset, model.config, batch, device, dtype, settings.seed)
     # Untimed: calibrate the output-text predictor on these very inputs (also ours' warm-up); warm the baselines up.
-    calibration = calibrate_output_text_predictor(model, inputs, settings.output_keep_rate, tokens, on_step=tick)
+    if settings.output_keep_pattern == "calibrated":
+        calibration = calibrate_output_text_predictor(model, inputs, settings.output_keep_rate, tokens, on_step=tick)
+    else:
+        calibration = {"pattern": settings.output_keep_pattern}
+        generate(model, inputs, WARMUP_TOKENS, on_step=tick)
     candidates = warm_up(model, baseline, inputs, tokens, settings, preset, tick)
 
     runs = {side: [] for side in candidates}

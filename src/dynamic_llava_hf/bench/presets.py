@@ -174,6 +174,8 @@ PRESETS: dict[str, BenchPreset] = {
 # Settings
 
 EXTRA_BASELINES = ("static", "compiled")
+# How the output-text predictor decides during timed decoding (see `BenchSettings.output_keep_pattern`).
+OUTPUT_KEEP_PATTERNS = ("calibrated", "alternate")
 
 
 @dataclass
@@ -192,6 +194,12 @@ class BenchSettings:
     decode_repeats: int = 1
     vision_keep_rate: float | None = None  # None: the config default (0.2)
     output_keep_rate: float = 0.5
+    # "calibrated": the random output-text predictor, its bias shifted to keep `output_keep_rate` of all generated
+    # tokens. A random model repeats one token per row, so it keeps nearly all of some rows and nearly none of others,
+    # and the cache pads every row to the longest. "alternate": a fixed rule replaces the predictor and keeps every
+    # other generated token of every row (0.5 per row by construction, as a trained predictor keeps about half of
+    # each reply); reported as such.
+    output_keep_pattern: str = "calibrated"
     sweep_keep_rates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     sweep_batch_size: int = 1
     seed: int = 0
@@ -227,6 +235,15 @@ class BenchSettings:
             unknown = set(getattr(self, name)) - set(EXTRA_BASELINES)
             if unknown:
                 raise ValueError(f"Unknown {name} {sorted(unknown)}; choose from {list(EXTRA_BASELINES)}")
+        if self.output_keep_pattern not in OUTPUT_KEEP_PATTERNS:
+            raise ValueError(
+                f"output_keep_pattern must be one of {list(OUTPUT_KEEP_PATTERNS)}, got {self.output_keep_pattern!r}"
+            )
+        if self.output_keep_pattern == "alternate" and self.output_keep_rate != 0.5:
+            raise ValueError(
+                f"output_keep_pattern='alternate' keeps 0.5 of each row; output_keep_rate {self.output_keep_rate} "
+                "applies to the calibrated pattern only"
+            )
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         rates = [self.output_keep_rate, *self.sweep_keep_rates]
