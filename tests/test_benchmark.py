@@ -11,6 +11,7 @@ from dynamic_llava_hf.bench import (
     build_models,
     calibrate_output_text_predictor,
     make_inputs,
+    markdown_report,
     run_benchmark,
 )
 from dynamic_llava_hf.bench.measure import output_keep_pattern
@@ -207,6 +208,26 @@ def test_alternate_pattern_keeps_half_of_every_row():
     assert row["calibration"] == {"pattern": "alternate"}
     assert row["ours"]["output_keep_rate"] == 0.5 and row["ours"]["output_keep_rate_row_range"] == [0.5, 0.5]
     assert row["our_modes"]["compiled"]["same_tokens_as_dynamic_cache"] is True
+
+
+def test_compiled_prefill_is_measured_and_labelled():
+    settings = BenchSettings(
+        preset="tiny",
+        device="cpu",
+        prefill_batch_sizes=(1, 2),
+        decode_batch_sizes=(),
+        sweep_keep_rates=(),
+        repeats=1,
+        compile_backend="eager",
+        compile_prefill=True,
+        progress=False,
+    )
+    results = run_benchmark(settings)
+    assert results["settings"]["compile_prefill"] is True
+    assert [row["batch_size"] for row in results["prefill"]] == [1, 2]
+    assert "Ours with its decoder-layer loops compiled (`compile_prefill`" in markdown_report(results)
+    with pytest.raises(ValueError, match="compile_prefill needs warmup >= 1"):
+        BenchSettings(compile_prefill=True, warmup=0).validate()
 
 
 def test_output_keep_pattern_is_undone_after_the_block():

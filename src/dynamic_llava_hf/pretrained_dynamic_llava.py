@@ -15,7 +15,7 @@ REMOTE_CODE_AUTO_MAP = {
 # That remote code: this file and every file it imports (flat: transformers copies them next to the weights).
 _BUNDLE = (
     "configuration", "modeling", "pretrained", "cache", "static_cache", "predictors", "sparsity", "inference",
-    "training", "compat", "outputs", "generation",
+    "training", "compat", "outputs", "generation", "compiled_prefill",
 )  # fmt: skip
 REMOTE_CODE_FILES = tuple(f"{name}_dynamic_llava.py" for name in _BUNDLE)
 

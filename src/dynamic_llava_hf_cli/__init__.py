@@ -434,6 +434,13 @@ def add_bench_command(commands) -> None:
         help="compile the baseline once with dynamic shapes instead of once per decoding point (default: the "
         "preset's; tiny: dynamic)",
     )
+    bench.add_argument(
+        "--compile-prefill",
+        action="store_true",
+        default=None,
+        help="our prefill with its decoder-layer loops compiled (model.compile_prefill, --compile-backend); the "
+        "baseline's prefill stays eager, as generate() runs it",
+    )
     bench.add_argument("--output", help="JSON file (default: bench-PRESET.json)")
     bench.add_argument("--plot", help="PNG file of the keep-rate sweep (default: bench-PRESET.png)")
     bench.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -469,6 +476,7 @@ BENCH_SETTINGS = (
     "our_modes",
     "compile_backend",
     "compile_dynamic",
+    "compile_prefill",
 )
 
 

@@ -283,6 +283,16 @@ def run_benchmark(settings: BenchSettings) -> dict:
     model, baseline = build_models(
         preset, device, dtype, settings.attn_implementation, settings.vision_keep_rate, settings.seed
     )
+    if settings.compile_prefill:
+        model.compile_prefill(backend=settings.compile_backend)
+    try:
+        return measure_everything(settings, preset, device, dtype, new_tokens, model, baseline)
+    finally:
+        model.model.compiled_layer_loop = None  # the model may be reused (a caller's cached build)
+
+
+def measure_everything(settings, preset, device, dtype, new_tokens, model, baseline) -> dict:
+    """`run_benchmark`'s measurements on the built models."""
     config = model.config
     shape = ModelShape.from_config(config)
     base_shape = ModelShape.from_config(baseline_config(config))

@@ -212,6 +212,9 @@ class BenchSettings:
     our_modes: tuple[str, ...] = ("static", "compiled")
     compile_backend: str = "inductor"
     compile_dynamic: bool | None = None  # None: the preset's choice
+    # Our prefill with its decoder-layer loops compiled (`model.compile_prefill(backend=compile_backend)`); the
+    # baseline's prefill stays eager, as transformers' generate() runs it.
+    compile_prefill: bool = False
     progress: bool = True
 
     def validate(self) -> None:
@@ -246,6 +249,8 @@ class BenchSettings:
             )
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.compile_prefill and self.warmup < 1:
+            raise ValueError("compile_prefill needs warmup >= 1 (the warm-up compiles; it is not timed)")
         rates = [self.output_keep_rate, *self.sweep_keep_rates]
         if self.vision_keep_rate is not None:
             rates.append(self.vision_keep_rate)

@@ -88,6 +88,12 @@ def markdown_report(results: dict) -> str:
             f"Image tokens {flops['image_tokens']} -> {flops['kept_image_tokens']} from layer `sparse_layer` on. "
             f"Median of {settings['repeats']} runs after {settings['warmup']} warm-up run(s), the models alternating."
         )
+        if settings.get("compile_prefill"):
+            note += (
+                " Ours with its decoder-layer loops compiled (`compile_prefill`, backend "
+                f"{settings['compile_backend']}; compiled during the warm-up); the baseline's prefill is eager, as "
+                "generate() runs it."
+            )
         lines += ["", note, ""]
 
     if results.get("decode"):

@@ -1,0 +1,112 @@
+"""`compile_prefill()`: the prefill's decoder-layer loops as compiled graphs give the eager prefill's logits, tokens
+and cache entries; everything the compiled loop does not cover runs eagerly.
+
+Most tests compile with dynamo's "aot_eager" backend (the same graphs, no generated code: seconds, not minutes); one
+compiles with inductor.
+"""
+
+import pytest
+import torch
+
+from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
+from test_generation import ROWS, generate
+from test_static_cache import assert_same_generation
+from tiny_models import build_prompts, tiny_model
+from tolerances import FP32_SAME_OP
+
+
+def compiled_twin(attn_implementation="sdpa", backend="aot_eager"):
+    """An eager tiny model, and the same model (same seed) with a compiled prefill whose loop calls are counted."""
+    eager, compiled = tiny_model(attn_implementation), tiny_model(attn_implementation)
+    compiled.compile_prefill(backend=backend)
+    loop = compiled.model.compiled_layer_loop
+    calls = []
+
+    def counted(layers, hidden_states, *args, **kwargs):
+        calls.append(tuple(hidden_states.shape))
+        return loop(layers, hidden_states, *args, **kwargs)
+
+    compiled.model.compiled_layer_loop = counted
+    return eager, compiled, calls
+
+
+def assert_same_cache(a, b):
+    assert torch.equal(a.stored_lengths(), b.stored_lengths())
+    assert a.sparsity_report() == b.sparsity_report()
+    for mine, other, lengths in zip(a.layers, b.layers, a.stored_lengths()):
+        for row, length in enumerate(lengths.tolist()):
+            torch.testing.assert_close(
+                mine.keys[row, :, :length], other.keys[row, :, :length], rtol=0, atol=FP32_SAME_OP
+            )
+            torch.testing.assert_close(
+                mine.values[row, :, :length], other.values[row, :, :length], rtol=0, atol=FP32_SAME_OP
+            )
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_compiled_prefill_equals_eager(attn_implementation):
+    """A left-padded batch: the same tokens, logits and cache; the compiled loop ran once per layer group, in the
+    prefill only (decoding steps have stored entries, so they run eagerly)."""
+    eager, compiled, calls = compiled_twin(attn_implementation)
+    inputs = build_prompts(ROWS)
+    expected = generate(eager, *inputs)
+    got = generate(compiled, *inputs)
+    assert_same_generation(expected, got)
+    assert_same_cache(expected.get(CACHE_NAME), got.get(CACHE_NAME))
+    prompt_length = inputs[0].shape[1]
+    assert len(calls) == 2 and calls[0][1] == prompt_length and calls[1][1] < prompt_length  # pruned for group 2
+
+
+def test_prompts_of_other_lengths_and_generation_without_cache():
+    """Other prompt lengths reuse the graphs (dynamic shapes); without a cache every step is a compiled full forward
+    and still gives the cached eager generation's tokens."""
+    eager, compiled, calls = compiled_twin()
+    for rows in (ROWS, [(2, 1, 9)], [(5, 1, 1), (1, 1, 4)]):
+        inputs = build_prompts(rows)
+        assert_same_generation(generate(eager, *inputs), generate(compiled, *inputs))
+    inputs = build_prompts(ROWS)
+    calls.clear()
+    uncached = generate(compiled, *inputs, use_cache=False)
+    assert torch.equal(uncached.sequences, generate(eager, *inputs).sequences)
+    assert len(calls) == 2 * 12  # both groups, at each of the 12 forwards
+
+
+def test_static_cache_and_compiled_prefill():
+    eager, compiled, calls = compiled_twin()
+    inputs = build_prompts(ROWS)
+    expected = generate(eager, *inputs)
+    got = generate(compiled, *inputs, cache_implementation="static", disable_compile=True)
+    assert_same_generation(expected, got)
+    assert len(calls) == 2
+
+
+def test_what_the_compiled_loop_does_not_cover_runs_eagerly():
+    """Attention weights or hidden states asked for, training, and a prefill chunk after a cached one (its cache
+    already holds entries) use the eager loop."""
+    eager, compiled, calls = compiled_twin("eager")
+    inputs = build_prompts(ROWS)
+    input_ids, attention_mask, pixel_values = inputs
+    with torch.no_grad():
+        for options in ({"output_attentions": True}, {"output_hidden_states": True}):
+            out = compiled(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **options)
+            expected = eager(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **options)
+            torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=0)
+    compiled.train()
+    compiled(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, sparsity=False)
+    compiled.eval()
+    assert calls == []
+    whole = generate(eager, *inputs)
+    chunked = generate(compiled, *inputs, prefill_chunk_size=input_ids.shape[1] - 2)
+    assert_same_generation(whole, chunked)
+    assert len(calls) == 2  # the first chunk only
+
+
+def test_inductor_compiled_prefill_equals_eager():
+    """The real compiler (inductor's generated code fuses and reorders float operations: equal within float32
+    rounding, the same greedy tokens)."""
+    eager, compiled, calls = compiled_twin(backend="inductor")
+    inputs = build_prompts(ROWS)
+    expected, got = generate(eager, *inputs), generate(compiled, *inputs)
+    assert torch.equal(expected.sequences, got.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2
