@@ -10,9 +10,8 @@ import torch
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from test_generation import ROWS, generate
-from test_static_cache import assert_same_generation
+from test_static_cache import assert_same_cache, assert_same_generation
 from tiny_models import build_prompts, tiny_model
-from tolerances import FP32_SAME_OP
 
 
 def compiled_twin(attn_implementation="sdpa", backend="aot_eager"):
@@ -28,19 +27,6 @@ def compiled_twin(attn_implementation="sdpa", backend="aot_eager"):
 
     compiled.model.compiled_layer_loop = counted
     return eager, compiled, calls
-
-
-def assert_same_cache(a, b):
-    assert torch.equal(a.stored_lengths(), b.stored_lengths())
-    assert a.sparsity_report() == b.sparsity_report()
-    for mine, other, lengths in zip(a.layers, b.layers, a.stored_lengths()):
-        for row, length in enumerate(lengths.tolist()):
-            torch.testing.assert_close(
-                mine.keys[row, :, :length], other.keys[row, :, :length], rtol=0, atol=FP32_SAME_OP
-            )
-            torch.testing.assert_close(
-                mine.values[row, :, :length], other.values[row, :, :length], rtol=0, atol=FP32_SAME_OP
-            )
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

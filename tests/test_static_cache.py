@@ -39,6 +39,21 @@ def assert_same_generation(a, b, logits: bool = True):
         torch.testing.assert_close(a.sequences_scores, b.sequences_scores, rtol=0, atol=FP32_SAME_MATH)
 
 
+def assert_same_cache(ours, theirs):
+    """The same stored entries (per layer and row, keys and values), lengths and sparsity report."""
+    assert torch.equal(ours.stored_lengths(), theirs.stored_lengths())
+    assert ours.sparsity_report() == theirs.sparsity_report()
+    for mine, other, lengths in zip(ours.layers, theirs.layers, ours.stored_lengths()):
+        for row, length in enumerate(lengths.tolist()):
+            for name in ("keys", "values"):
+                torch.testing.assert_close(
+                    getattr(mine, name)[row, :, :length],
+                    getattr(other, name)[row, :, :length],
+                    rtol=0,
+                    atol=FP32_SAME_OP,
+                )
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_static_cache_equals_dynamic_cache(attn_implementation, mode):
@@ -49,14 +64,8 @@ def test_static_cache_equals_dynamic_cache(attn_implementation, mode):
     assert isinstance(static.get(CACHE_NAME), DynamicLlavaStaticCache)
     assert_same_generation(dynamic, static)
     ours, theirs = static.get(CACHE_NAME), dynamic.get(CACHE_NAME)
-    assert torch.equal(ours.stored_lengths(), theirs.stored_lengths())
-    assert ours.sparsity_report() == theirs.sparsity_report()
+    assert_same_cache(ours, theirs)
     assert ours.get_seq_length() == theirs.get_seq_length()
-    for mine, other, lengths in zip(ours.layers, theirs.layers, ours.stored_lengths()):  # the same entries
-        for row, length in enumerate(lengths.tolist()):
-            torch.testing.assert_close(
-                mine.keys[row, :, :length], other.keys[row, :, :length], rtol=0, atol=FP32_SAME_OP
-            )
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,34 @@ class KeyValueRecorder:
             cache.update(key_states, value_states, layer_idx)
 
 
-def compile_layer_loop(**torch_compile_kwargs):
-    """`run_decoder_layers` under `torch.compile`, with dynamic shapes unless told otherwise (so prompts of any
-    length share one graph per layer group)."""
-    return torch.compile(run_decoder_layers, **{"dynamic": True, **torch_compile_kwargs})
+class CompiledPrefillMixin:
+    """`DynamicLlavaModel.compile_prefill()` and the dispatch of a layer group to the compiled loop."""
+
+    compiled_layer_loop = None  # `run_decoder_layers` under torch.compile, once `compile_prefill()` was called
+
+    def compile_prefill(self, **torch_compile_kwargs) -> None:
+        """Runs the decoder-layer loops of a prefill (a forward with an empty cache, or none) as compiled graphs, one
+        per layer group, with dynamic shapes unless told otherwise (prompts of any length share them);
+        `torch_compile_kwargs` go to `torch.compile` (e.g. `backend`, `mode`). Outputs are those of the eager loop."""
+        self.compiled_layer_loop = torch.compile(run_decoder_layers, **{"dynamic": True, **torch_compile_kwargs})
+
+    def uses_compiled_loop(self, step, layout, key_keep: torch.Tensor | None) -> bool:
+        """Whether this group runs the compiled loop: one was asked for, inference, no per-layer outputs, and nothing
+        stored for the group yet (its cache would only hand each layer's new keys/values back)."""
+        return (
+            self.compiled_layer_loop is not None
+            and not self.training
+            and key_keep is None
+            and step.all_attentions is None
+            and step.all_hidden_states is None
+            and layout.past_width == 0
+        )
+
+    def run_compiled_loop(self, layers, step, cache, mask, **kwargs) -> None:
+        """Runs `layers` over the step's slots in the compiled loop; then the cache (if any) stores their K/V."""
+        recorder = KeyValueRecorder() if cache is not None else None
+        step.hidden_states = self.compiled_layer_loop(
+            layers, step.hidden_states, mask, step.position_embeddings, recorder, **kwargs
+        )
+        if recorder is not None:
+            recorder.write_to(cache)

@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from .cache_dynamic_llava import FULL_GROUP, SPARSE_GROUP, DynamicLlavaCache, KeyLayout, cache_for_forward
 from .compat_dynamic_llava import CACHE_NAME, cache_and_image_fields, cache_argument
-from .compiled_prefill_dynamic_llava import KeyValueRecorder, compile_layer_loop
+from .compiled_prefill_dynamic_llava import CompiledPrefillMixin
 from .configuration_dynamic_llava import DynamicLlavaConfig
 from .generation_dynamic_llava import DynamicLlavaGenerationMixin
 from .inference_dynamic_llava import InferenceDecisionsMixin
@@ -53,13 +53,13 @@ logger = logging.get_logger(__name__)
 # Models
 
 
-class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, DynamicLlavaPreTrainedModel, LlavaModel):
+class DynamicLlavaModel(
+    CompiledPrefillMixin, InferenceDecisionsMixin, TrainingDecisionsMixin, DynamicLlavaPreTrainedModel, LlavaModel
+):
     """Llava backbone whose decoder loop prunes image tokens and gates the KV cache at `sparse_layer`."""
 
     # Temperature of the training-time Gumbel-softmax; `GumbelTemperatureCallback` anneals it from 1.0 to 0.1.
     gumbel_tau: float = 1.0
-    # The compiled layer loop of a prefill, once `compile_prefill()` was called (compiled_prefill_dynamic_llava.py).
-    compiled_layer_loop = None
     _keep_in_fp32_modules = ("vision_tower", "multi_modal_projector")  # plus the predictors built (see __init__)
 
     def __init__(self, config):
@@ -285,24 +285,6 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         if output_attentions:
             step.all_attentions = []
 
-    def compile_prefill(self, **torch_compile_kwargs) -> None:
-        """Runs the decoder-layer loops of a prefill (a forward with an empty cache, or none) as compiled graphs, one
-        per layer group, with dynamic shapes; `torch_compile_kwargs` go to `torch.compile` (e.g. `backend`, `mode`).
-        Outputs are those of the eager loop (see `compiled_prefill_dynamic_llava.py`)."""
-        self.compiled_layer_loop = compile_layer_loop(**torch_compile_kwargs)
-
-    def uses_compiled_loop(self, step: DecoderStep, layout: KeyLayout, key_keep: torch.Tensor | None) -> bool:
-        """Whether this group runs the compiled loop: one was asked for, inference, no per-layer outputs, and nothing
-        stored for the group yet (its cache would only hand each layer's new keys/values back)."""
-        return (
-            self.compiled_layer_loop is not None
-            and not self.training
-            and key_keep is None
-            and step.all_attentions is None
-            and step.all_hidden_states is None
-            and layout.past_width == 0
-        )
-
     def layer_groups(self) -> tuple[nn.ModuleList, nn.ModuleList]:
         """The text backbone's decoder layers below `sparse_layer` and from it on."""
         layers = self.language_model.layers[: self.config.text_config.num_hidden_layers]
@@ -328,12 +310,7 @@ class DynamicLlavaModel(InferenceDecisionsMixin, TrainingDecisionsMixin, Dynamic
         else:
             mask = build_attention_mask(self.config.text_config._attn_implementation, layout, step.visible, dtype)
         if self.uses_compiled_loop(step, layout, key_keep):
-            recorder = KeyValueRecorder() if cache is not None else None
-            step.hidden_states = self.compiled_layer_loop(
-                layers, step.hidden_states, mask, step.position_embeddings, recorder, **kwargs
-            )
-            if recorder is not None:
-                recorder.write_to(cache)
+            self.run_compiled_loop(layers, step, cache, mask, **kwargs)
             return
         if step.all_attentions is not None:
             # The attention modules return their weights (eager only; other backends warn and return None).
