@@ -96,3 +96,25 @@ def test_inductor_compiled_prefill_equals_eager():
     assert torch.equal(expected.sequences, got.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
     assert len(calls) == 2
+
+
+def test_vision_tower_and_image_predictor_compile_in_place(tmp_path):
+    """Both run compiled (a backend records the graphs it is given), the state dict keeps its keys, and the model
+    saves and reloads as before."""
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(" ".join(node.name for node in graph_module.graph.nodes if node.op == "placeholder"))
+        return graph_module.forward
+
+    eager, compiled = tiny_model(), tiny_model()
+    keys = list(compiled.state_dict())
+    compiled.compile_prefill(backend=recording_backend)
+    inputs = build_prompts(ROWS)
+    expected = generate(eager, *inputs)
+    assert_same_generation(expected, generate(compiled, *inputs))
+    assert any("patch_embedding" in names for names in graphs)  # the vision tower
+    assert any("down_mlp" in names for names in graphs)  # the image predictor
+    assert list(compiled.state_dict()) == keys
+    compiled.save_pretrained(tmp_path)
+    assert_same_generation(expected, generate(type(compiled).from_pretrained(tmp_path), *inputs))
