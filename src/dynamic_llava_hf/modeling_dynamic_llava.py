@@ -491,7 +491,8 @@ class DynamicLlavaForConditionalGeneration(
         self._keep_in_fp32_modules = {f"model.{name}" for name in self.model._keep_in_fp32_modules}
 
     def compile_prefill(self, **torch_compile_kwargs) -> None:
-        """Compiles the prefill's decoder-layer loops; see [`DynamicLlavaModel.compile_prefill`]."""
+        """Compiles the prefill's decoder-layer loops, vision tower and image predictor; see
+        [`DynamicLlavaModel.compile_prefill`]."""
         self.model.compile_prefill(**torch_compile_kwargs)
 
     def forward(

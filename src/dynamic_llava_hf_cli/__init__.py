@@ -438,8 +438,8 @@ def add_bench_command(commands) -> None:
         "--compile-prefill",
         action="store_true",
         default=None,
-        help="our prefill with its decoder-layer loops compiled (model.compile_prefill, --compile-backend); the "
-        "baseline's prefill stays eager, as generate() runs it",
+        help="our prefill with its decoder-layer loops, vision tower and image predictor compiled "
+        "(model.compile_prefill, --compile-backend); the baseline's prefill stays eager, as generate() runs it",
     )
     bench.add_argument("--output", help="JSON file (default: bench-PRESET.json)")
     bench.add_argument("--plot", help="PNG file of the keep-rate sweep (default: bench-PRESET.png)")

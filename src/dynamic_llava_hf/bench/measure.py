@@ -285,10 +285,7 @@ def run_benchmark(settings: BenchSettings) -> dict:
     )
     if settings.compile_prefill:
         model.compile_prefill(backend=settings.compile_backend)
-    try:
-        return measure_everything(settings, preset, device, dtype, new_tokens, model, baseline)
-    finally:
-        model.model.compiled_layer_loop = None  # the model may be reused (a caller's cached build)
+    return measure_everything(settings, preset, device, dtype, new_tokens, model, baseline)
 
 
 def measure_everything(settings, preset, device, dtype, new_tokens, model, baseline) -> dict:

@@ -212,8 +212,8 @@ class BenchSettings:
     our_modes: tuple[str, ...] = ("static", "compiled")
     compile_backend: str = "inductor"
     compile_dynamic: bool | None = None  # None: the preset's choice
-    # Our prefill with its decoder-layer loops compiled (`model.compile_prefill(backend=compile_backend)`); the
-    # baseline's prefill stays eager, as transformers' generate() runs it.
+    # Our prefill with its decoder-layer loops, vision tower and image predictor compiled
+    # (`model.compile_prefill(backend=compile_backend)`); the baseline's prefill stays eager, as generate() runs it.
     compile_prefill: bool = False
     progress: bool = True
 

@@ -90,9 +90,9 @@ def markdown_report(results: dict) -> str:
         )
         if settings.get("compile_prefill"):
             note += (
-                " Ours with its decoder-layer loops compiled (`compile_prefill`, backend "
-                f"{settings['compile_backend']}; compiled during the warm-up); the baseline's prefill is eager, as "
-                "generate() runs it."
+                " Ours with its decoder-layer loops compiled (`compile_prefill`, with the vision tower and the image "
+                f"predictor; backend {settings['compile_backend']}; compiled during the warm-up); the baseline's "
+                "prefill is eager, as generate() runs it."
             )
         lines += ["", note, ""]
 
