@@ -14,7 +14,8 @@ from transformers import CompileConfig
 
 from dynamic_llava_hf import DynamicLlavaStaticCache
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
-from test_generation import ROWS, generate, rows_alone
+from dynamic_llava_hf.static_cache_dynamic_llava import StaticRowLengths
+from test_generation import NEW_TOKENS, ROWS, generate, rows_alone
 from tiny_models import build_prompts, tiny_model
 from tolerances import FP32_SAME_MATH, FP32_SAME_OP
 
@@ -139,6 +140,76 @@ def test_a_second_turn_grows_a_passed_cache(turn_tokens):
     assert results[1].get(CACHE_NAME).groups[0].capacity >= results[1].sequences.shape[1]
 
 
+def windowed_cache(model, inputs, mode: str) -> DynamicLlavaStaticCache:
+    """A static cache whose read window grows in small steps (every 2 columns at least, 4 sizes at most), so that the
+    tiny generations here take several windows, each smaller than the buffers."""
+    new_tokens = MODES[mode].get("max_new_tokens", NEW_TOKENS)
+    max_cache_len = inputs[0].shape[1] + new_tokens
+    return DynamicLlavaStaticCache(model.config, max_cache_len=max_cache_len, capacity_step=2, window_buckets=4)
+
+
+def record_windows(monkeypatch) -> list:
+    """(group, columns read) of every decoding step, as the cache hands them to the layers."""
+    seen, take_window = [], StaticRowLengths.take_window
+
+    def recording(rows):
+        columns = take_window(rows)
+        if not torch.compiler.is_compiling():
+            seen.append((rows, columns))
+        return columns
+
+    monkeypatch.setattr(StaticRowLengths, "take_window", recording)
+    return seen
+
+
+@pytest.mark.parametrize("host_lengths", [True, False], ids=["lengths-read", "bound-only"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_read_windows_equal_whole_buffers(mode, host_lengths, monkeypatch):
+    """generate() plans each decoding step's read window on the host (a few sizes per generation, each covering the
+    longest row and the new token), from the lengths (CPU) or from a bound alone (what a GPU gets, no
+    synchronisation); windowed steps give the dynamic cache's tokens, logits and stored entries while reading fewer
+    columns than the buffers hold."""
+    model = tiny_model()
+    inputs = build_prompts(ROWS)
+    dynamic = run(model, mode, inputs)
+    monkeypatch.setattr(StaticRowLengths, "read_lengths_on_host", host_lengths)
+    windows = record_windows(monkeypatch)
+    static = run(model, mode, inputs, **{CACHE_NAME: windowed_cache(model, inputs, mode)})
+    assert_same_generation(dynamic, static)
+    cache = static.get(CACHE_NAME)
+    assert_same_cache(cache, dynamic.get(CACHE_NAME))
+    for rows in cache.groups:
+        sizes = [columns for group, columns in windows if group is rows]
+        assert len(sizes) == MODES[mode].get("max_new_tokens", NEW_TOKENS) - 1  # every decoding step
+        assert sizes == sorted(sizes) and len(set(sizes)) <= 4 and sizes[0] < rows.capacity
+        assert len(set(sizes)) > 1 or host_lengths  # the bound grows by a token per step; the lengths may not
+
+
+def test_unplanned_steps_read_whole_buffers(monkeypatch):
+    """A decoding step that generate() did not plan (a forward called by hand) reads every column, and so do later
+    planned ones until a multi-token forward tells the host again how long the rows are."""
+    model = tiny_model()
+    input_ids, attention_mask, pixel_values = build_prompts(ROWS)
+    cache = windowed_cache(model, (input_ids,), "greedy")
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    prefill = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        position_ids=positions,
+        **{CACHE_NAME: cache},
+    )
+    windows = record_windows(monkeypatch)
+    token, position = prefill.logits[:, -1:].argmax(-1), positions[:, -1:] + 1
+    cache.plan_decoding_step()
+    decode_steps(cache, token, position, 1, model)  # planned
+    decode_steps(cache, token, position + 1, 1, model)  # not planned
+    cache.plan_decoding_step()
+    decode_steps(cache, token, position + 2, 1, model)  # planned, without a bound
+    full_window, full_unplanned, full_after = (columns for rows, columns in windows if rows is cache.groups[0])
+    assert full_window < cache.groups[0].capacity == full_unplanned == full_after
+
+
 def decode_steps(cache, token, position, steps: int, forward):
     logits = []
     for _ in range(steps):
@@ -174,8 +245,8 @@ def test_the_decoding_step_is_one_graph_without_recompiles():
     assert torch.equal(caches[0].stored_lengths(), caches[1].stored_lengths())
 
 
-def compile_config() -> CompileConfig:
-    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+def compile_config(backend: str = "inductor") -> CompileConfig:
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default", backend=backend)
     config._compile_all_devices = True  # generate() compiles only on accelerators unless told so (as for Llava)
     return config
 
@@ -224,6 +295,24 @@ def test_compiled_decoding_equals_eager():
         assert (
             torch.stack(compiled["greedy"].logits)[:, row] - torch.stack(alone.logits)[:, 0]
         ).abs().max() <= FP32_SAME_MATH
+
+
+def test_compiled_read_windows_take_one_graph_each(monkeypatch):
+    """generate() with `compile_config` and windowed reads: one graph per window size (dynamo guards on the planned
+    window, a host value that changes only between sizes), and eager decoding's tokens and logits ("aot_eager": the
+    traced graphs, without code generation)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny_model()
+    inputs = build_prompts(ROWS)
+    windows = record_windows(monkeypatch)
+    eager = run(model, "greedy", inputs, **{CACHE_NAME: windowed_cache(model, inputs, "greedy")})
+    sizes = {(full[1], sparse[1]) for full, sparse in zip(windows[::2], windows[1::2])}  # per step, both groups
+    cache = windowed_cache(model, inputs, "greedy")
+    compiled = run(model, "greedy", inputs, compile_config=compile_config("aot_eager"), **{CACHE_NAME: cache})
+    assert_same_generation(eager, compiled)
+    assert_same_cache(cache, eager.get(CACHE_NAME))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(sizes) > 1
 
 
 def test_compiled_beam_search_equals_eager():

@@ -43,6 +43,12 @@ class DynamicLlavaGenerationMixin:
         elif isinstance(cache, DynamicLlavaCache) and max_cache_length:
             cache.expected_tokens = max_cache_length  # its buffers grow no further than this generation can reach
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        cache = kwargs.get(CACHE_NAME)
+        if isinstance(cache, DynamicLlavaStaticCache):
+            cache.plan_decoding_step()  # host-side, so that the compiled step reads no host state that changes
+        return super().prepare_inputs_for_generation(*args, **kwargs)
+
     def init_continuous_batching(self, *args, **kwargs):
         """Refuses continuous batching (`generate_batch`, `continuous_batching_context_manager` and `transformers
         serve --continuous-batching` all start here) before any request runs: transformers would otherwise report

@@ -12,10 +12,16 @@ generated tokens the output-text predictor kept). The difference is the room aro
   forward that needs more, or a later turn for which `generate()` raised `max_cache_len`, grows them (eagerly, before
   its layers run); a decoding step of the current generation never does (it cannot look at the lengths).
 - A decoding step (one new token after a cached prefix) writes each row's token into the row's next free slot, lets
-  attention read the whole buffer under a key mask built on the device from the per-row lengths (`slot <= length`:
-  the stored entries and the token itself), and advances the lengths on the device by the keep decision. The lengths,
-  the input position of every slot and the count of tokens seen are tensors updated in place; nothing in the step
-  reads them on the host, and no shape depends on them.
+  attention read the buffer's first `window` columns under a key mask built on the device from the per-row lengths
+  (`slot <= length`: the stored entries and the token itself), and advances the lengths on the device by the keep
+  decision. The lengths, the input position of every slot and the count of tokens seen are tensors updated in place;
+  nothing in the step reads them on the host, and no shape depends on them.
+- The window is planned on the host, before the step and outside compiled code (`generate()` calls
+  `plan_decoding_step`), from a bound that needs no synchronisation: the longest row after the last multi-token
+  forward plus one entry per decoding step since. It grows in a few sizes per generation (`window_buckets`), so a
+  compiled step recompiles that many times, and attention reads about what the rows can hold by then instead of the
+  worst case (a decoding step is memory-bound: fewer bytes read is time saved). A step nobody planned (a forward
+  called by hand) reads every column.
 - The host-side extrema of the lengths (`max_length`, used by multi-token forwards and the public `keys` view) are
   read lazily, one synchronisation when next needed.
 
@@ -49,10 +55,19 @@ class StaticRowLengths(RowLengths):
     """`RowLengths` of a group with fixed-capacity buffers: lengths and positions are updated in place, and the
     host-side extrema are read only when asked for (after a decoding step they are stale)."""
 
+    read_lengths_on_host = True  # plan windows from the lengths themselves when they are in CPU memory
+
     def __init__(self):
         self.stale = False
         self.capacity = 0  # columns of every buffer of the group (and of `positions`)
         self.reserved_for = 0  # the cache's `max_cache_len` when `capacity` was last checked
+        # The read window (host-side, see `plan_window`): the longest row's stored entries after the last multi-token
+        # forward (None: unknown), decoding steps planned since, and the step count by which the window grows.
+        self.window_base: int | None = None
+        self.window_steps = 0
+        self.window_quantum = 1
+        self.window: int | None = None  # columns the next decoding step reads (None: all `capacity`)
+        self.step_columns = 0  # columns the current decoding step reads
         super().__init__()
 
     def _fresh(self) -> "StaticRowLengths":
@@ -85,6 +100,37 @@ class StaticRowLengths(RowLengths):
             grown[:, : self.positions.shape[1]] = self.positions
         self.positions, self.capacity = grown, capacity
         _mark_static(self.positions)
+
+    def start_window(self, stored: int, still_to_come: int, buckets: int, min_quantum: int) -> None:
+        """After a multi-token forward: `stored` is the longest row's entries, `still_to_come` the most decoding steps
+        left; the window grows in at most `buckets` steps over them, each of at least `min_quantum` columns."""
+        self.window_base, self.window_steps, self.window = stored, 0, None
+        self.window_quantum = max(-(-still_to_come // max(buckets, 1)), min_quantum, 1)
+
+    def plan_window(self) -> None:
+        """Before a decoding step, on the host: the columns it must read, i.e. up to the new token's column in the
+        longest row. Without looking at the lengths that is at most `window_base + steps planned before it` (each step
+        adds at most one entry per row); where the lengths live in host memory (CPU) reading them is free, and the
+        window follows what the rows really store (kept tokens only). Rounded up to the next multiple of
+        `window_quantum` past `window_base`: a few distinct sizes per generation, one compiled graph each."""
+        if self.window_base is None:
+            self.window = None
+            return
+        self.window_steps += 1
+        reach = self.window_steps
+        if self.lengths.device.type == "cpu" and self.read_lengths_on_host:
+            reach = max(min(reach, int(self.lengths.max()) + 1 - self.window_base), 1)
+        reach = -(-reach // self.window_quantum) * self.window_quantum
+        self.window = min(self.window_base + reach, self.capacity)
+
+    def take_window(self) -> int:
+        """In a decoding step: the planned window, once; an unplanned step reads every column, and leaves the host
+        without a bound on the lengths until the next multi-token forward."""
+        if self.window is None:
+            self.window_base = None
+            return self.capacity
+        window, self.window = self.window, None
+        return window
 
     def advance(self, first_position) -> None:
         """As `RowLengths.advance`, in place and without reading anything on the host (`first_position` may be a
@@ -135,7 +181,8 @@ class DynamicLlavaStaticLayer(DynamicLlavaLayer):
         rows = torch.arange(slots.shape[0], device=slots.device)
         self.key_buffer[rows, :, slots] = key_states[:, :, 0]
         self.value_buffer[rows, :, slots] = value_states[:, :, 0]
-        return self.key_buffer, self.value_buffer
+        columns = self.rows.step_columns
+        return self.key_buffer[:, :, :columns], self.value_buffer[:, :, :columns]
 
     def select_rows(self, index: torch.Tensor) -> None:
         if self.is_initialized and index.shape[0] == self.key_buffer.shape[0]:
@@ -154,7 +201,9 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
     `max_cache_len`: the most tokens (prompt + generated, padding included) the cache will see; `generate()` passes its
     generation length (and raises it when the cache is passed back). Decoding past it fails with an index error, as
     with transformers' StaticCache: a decoding step cannot look at the lengths to grow the buffers. `capacity_step`:
-    capacities are rounded up to a multiple of it.
+    capacities are rounded up to a multiple of it. `window_buckets`: the most read-window sizes per generation (each a
+    compiled graph of its own when the step is compiled; 1 reads the whole buffers every step); the window grows by at
+    least `capacity_step` columns at a time.
     """
 
     layer_class = DynamicLlavaStaticLayer
@@ -167,6 +216,7 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         num_hidden_layers: int | None = None,
         sparse_layer: int | None = None,
         capacity_step: int = 64,
+        window_buckets: int = 4,
     ):
         self.seen = None  # LongTensor []: tokens seen, on the cache's device (`seen_tokens` reads it)
         self._has_past = False  # host-side, set by the first forward: nothing in a decoding step reads the count
@@ -175,8 +225,11 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
             raise ValueError(
                 f"DynamicLlavaStaticCache needs max_cache_len >= 1 (prompt + new tokens), got {max_cache_len}"
             )
+        if window_buckets < 1:
+            raise ValueError(f"DynamicLlavaStaticCache needs window_buckets >= 1, got {window_buckets}")
         self.max_cache_len = max_cache_len
         self.capacity_step = capacity_step
+        self.window_buckets = window_buckets
 
     # Tokens seen live on the device; the host-side count is read on demand.
     @property
@@ -229,13 +282,21 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
             self._reserve_for(rows, persist)
         if not decoding:
             return super().begin_step(group, persist, positions)
-        # A decoding step: nothing read on the host, every shape fixed by the capacity.
+        # A decoding step: nothing read on the host, every shape fixed by the planned window (or the capacity).
         slots = rows.lengths.view(batch, 1, 1, 1)
         rows.plan = StepPlan(persist=persist, in_place=True, positions=positions, slots=slots)
-        width = rows.capacity - 1
+        rows.step_columns = rows.take_window()
+        width = rows.step_columns - 1
         return KeyLayout(
             lengths=rows.lengths, past_width=width, in_place=True, uniform=False, positions=rows.positions[:, :width]
         )
+
+    def plan_decoding_step(self) -> None:
+        """Called by `generate()` before each forward, outside any compiled code: plans the next decoding step's read
+        window of every group (see `StaticRowLengths.plan_window`)."""
+        if self.has_past:
+            for rows in self.groups:
+                rows.plan_window()
 
     def _reserve_for(self, rows: StaticRowLengths, persist: torch.Tensor) -> None:
         """Before a multi-token forward (host synchronisations allowed): room for its writes, and for every token
@@ -249,6 +310,7 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         needed = max(rows.max_length + num_new, stored_after + still_to_come, 1)
         rows.reserve(-(-needed // self.capacity_step) * self.capacity_step)
         rows.reserved_for = self.max_cache_len
+        rows.start_window(stored_after, still_to_come, self.window_buckets, self.capacity_step)
 
     def end_step(self, num_new_tokens: int) -> None:
         """Advances the planned groups and the count of tokens seen, on the device only."""
