@@ -17,11 +17,13 @@ generated tokens the output-text predictor kept). The difference is the room aro
   decision. The lengths, the input position of every slot and the count of tokens seen are tensors updated in place;
   nothing in the step reads them on the host, and no shape depends on them.
 - The window is planned on the host, before the step and outside compiled code (`generate()` calls
-  `plan_decoding_step`), from a bound that needs no synchronisation: the longest row after the last multi-token
-  forward plus one entry per decoding step since. It grows in a few sizes per generation (`window_buckets`), so a
-  compiled step recompiles that many times, and attention reads about what the rows can hold by then instead of the
-  worst case (a decoding step is memory-bound: fewer bytes read is time saved). A step nobody planned (a forward
-  called by hand) reads every column.
+  `plan_decoding_step`): on a GPU from a bound that needs no synchronisation (the longest row after the last
+  multi-token forward plus one entry per decoding step since), on the CPU from the lengths themselves (reading them
+  there costs nothing). So attention reads about what the rows hold instead of the worst case; a decoding step is
+  memory-bound, and fewer bytes read is time saved. The window reaches the step as a tensor whose length dynamo treats
+  as dynamic: every size runs the same compiled graph. It still takes only a few sizes per generation
+  (`window_buckets`), because CUDA graphs record one graph per size. A step nobody planned (a forward called by hand)
+  reads every column.
 - The host-side extrema of the lengths (`max_length`, used by multi-token forwards and the public `keys` view) are
   read lazily, one synchronisation when next needed.
 
@@ -66,7 +68,10 @@ class StaticRowLengths(RowLengths):
         self.window_base: int | None = None
         self.window_steps = 0
         self.window_quantum = 1
-        self.window: int | None = None  # columns the next decoding step reads (None: all `capacity`)
+        # The next decoding step's window, as a tensor whose length is the columns it reads (None: all `capacity`): a
+        # dimension that dynamo treats as dynamic, so that every window size runs the same compiled graph.
+        self.window: torch.Tensor | None = None
+        self.column_ids: torch.Tensor | None = None  # arange(capacity), whose prefixes are the windows
         self.step_columns = 0  # columns the current decoding step reads
         super().__init__()
 
@@ -99,11 +104,12 @@ class StaticRowLengths(RowLengths):
         if self.positions is not None:
             grown[:, : self.positions.shape[1]] = self.positions
         self.positions, self.capacity = grown, capacity
+        self.column_ids = torch.arange(capacity, device=self.lengths.device)
         _mark_static(self.positions)
 
     def start_window(self, stored: int, still_to_come: int, buckets: int, min_quantum: int) -> None:
         """After a multi-token forward: `stored` is the longest row's entries, `still_to_come` the most decoding steps
-        left; the window grows in at most `buckets` steps over them, each of at least `min_quantum` columns."""
+        left; the window takes at most `buckets` sizes over them, growing by at least `min_quantum` columns."""
         self.window_base, self.window_steps, self.window = stored, 0, None
         self.window_quantum = max(-(-still_to_come // max(buckets, 1)), min_quantum, 1)
 
@@ -112,7 +118,7 @@ class StaticRowLengths(RowLengths):
         longest row. Without looking at the lengths that is at most `window_base + steps planned before it` (each step
         adds at most one entry per row); where the lengths live in host memory (CPU) reading them is free, and the
         window follows what the rows really store (kept tokens only). Rounded up to the next multiple of
-        `window_quantum` past `window_base`: a few distinct sizes per generation, one compiled graph each."""
+        `window_quantum` past `window_base`: a few distinct sizes per generation (one CUDA graph each)."""
         if self.window_base is None:
             self.window = None
             return
@@ -121,7 +127,9 @@ class StaticRowLengths(RowLengths):
         if self.lengths.device.type == "cpu" and self.read_lengths_on_host:
             reach = max(min(reach, int(self.lengths.max()) + 1 - self.window_base), 1)
         reach = -(-reach // self.window_quantum) * self.window_quantum
-        self.window = min(self.window_base + reach, self.capacity)
+        self.window = self.column_ids[: min(self.window_base + reach, self.capacity)]
+        if self.window.shape[0] > 1:  # (dynamo specialises sizes 0 and 1 anyway)
+            torch._dynamo.maybe_mark_dynamic(self.window, 0)
 
     def take_window(self) -> int:
         """In a decoding step: the planned window, once; an unplanned step reads every column, and leaves the host
@@ -129,7 +137,7 @@ class StaticRowLengths(RowLengths):
         if self.window is None:
             self.window_base = None
             return self.capacity
-        window, self.window = self.window, None
+        window, self.window = self.window.shape[0], None
         return window
 
     def advance(self, first_position) -> None:
@@ -201,9 +209,9 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
     `max_cache_len`: the most tokens (prompt + generated, padding included) the cache will see; `generate()` passes its
     generation length (and raises it when the cache is passed back). Decoding past it fails with an index error, as
     with transformers' StaticCache: a decoding step cannot look at the lengths to grow the buffers. `capacity_step`:
-    capacities are rounded up to a multiple of it. `window_buckets`: the most read-window sizes per generation (each a
-    compiled graph of its own when the step is compiled; 1 reads the whole buffers every step); the window grows by at
-    least `capacity_step` columns at a time.
+    capacities are rounded up to a multiple of it. `window_buckets`: the most read-window sizes per generation (all run
+    one compiled graph; with CUDA graphs each size is recorded once); the window grows by at least `capacity_step`
+    columns at a time.
     """
 
     layer_class = DynamicLlavaStaticLayer
@@ -216,7 +224,7 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         num_hidden_layers: int | None = None,
         sparse_layer: int | None = None,
         capacity_step: int = 64,
-        window_buckets: int = 4,
+        window_buckets: int = 8,
     ):
         self.seen = None  # LongTensor []: tokens seen, on the cache's device (`seen_tokens` reads it)
         self._has_past = False  # host-side, set by the first forward: nothing in a decoding step reads the count
@@ -282,7 +290,8 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
             self._reserve_for(rows, persist)
         if not decoding:
             return super().begin_step(group, persist, positions)
-        # A decoding step: nothing read on the host, every shape fixed by the planned window (or the capacity).
+        # A decoding step: nothing read on the host; shapes fixed by the capacity, but for the planned window's
+        # length (dynamic in a compiled step).
         slots = rows.lengths.view(batch, 1, 1, 1)
         rows.plan = StepPlan(persist=persist, in_place=True, positions=positions, slots=slots)
         rows.step_columns = rows.take_window()
