@@ -27,6 +27,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CompileConfig
 
+from dynamic_llava_hf import DynamicLlavaStaticCache
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from test_generation import ROWS, generate, rows_alone
 from test_modeling_prefill import run as prefill
@@ -395,9 +396,18 @@ def cuda_graph_trees() -> str:
         return f"unknown ({type(error).__name__}: {error})"
 
 
-def test_compiled_static_cache_decoding_equals_eager():
+def static_cache(model, prompt: int, windows: str) -> dict:
+    if windows == "default":
+        return {"cache_implementation": "static"}
+    cache = DynamicLlavaStaticCache(model.config, max_cache_len=prompt + NEW_TOKENS, capacity_step=2, window_buckets=4)
+    return {CACHE_NAME: cache}
+
+
+@pytest.mark.parametrize("windows", ["default", "several"])
+def test_compiled_static_cache_decoding_equals_eager(windows):
     """generate(cache_implementation="static", compile_config=CompileConfig(mode="reduce-overhead")) gives eager
-    dynamic-cache decoding's tokens. Whether CUDA graphs were really used (or skipped, and why) is reported, not
+    dynamic-cache decoding's tokens; "several": a cache whose read window takes several sizes in these few steps (one
+    CUDA graph recorded per size). Whether CUDA graphs were really used (or skipped, and why) is reported, not
     asserted: inductor may skip them for reasons outside this package. On the CPU (dry run) the mode is inductor's
     default one (CUDA graphs exist only on CUDA)."""
     from torch._dynamo.utils import counters
@@ -417,7 +427,9 @@ def test_compiled_static_cache_decoding_equals_eager():
     for logger in loggers:
         logger.addHandler(logs)
     try:
-        runs = [generate(model, *inputs, cache_implementation="static", compile_config=config) for _ in range(2)]
+        runs = [
+            generate(model, *inputs, compile_config=config, **static_cache(model, prompt, windows)) for _ in range(2)
+        ]
         if ON_CUDA:
             torch.cuda.synchronize()
     finally:
