@@ -302,7 +302,8 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
 
     def plan_decoding_step(self) -> None:
         """Called by `generate()` before each forward, outside any compiled code: plans the next decoding step's read
-        window of every group (see `StaticRowLengths.plan_window`)."""
+        window of every group (see `StaticRowLengths.plan_window`). A hand-written decoding loop may call it before
+        each forward too; without it a step reads the whole buffers."""
         if self.has_past:
             for rows in self.groups:
                 rows.plan_window()
