@@ -27,10 +27,10 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CompileConfig
 
-from dynamic_llava_hf import DynamicLlavaStaticCache
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from test_generation import ROWS, generate, rows_alone
 from test_modeling_prefill import run as prefill
+from test_static_cache import windowed_cache
 from tiny_models import build_prompts, llava_twin, tiny_model, tiny_vision_config
 
 
@@ -396,11 +396,10 @@ def cuda_graph_trees() -> str:
         return f"unknown ({type(error).__name__}: {error})"
 
 
-def static_cache(model, prompt: int, windows: str) -> dict:
+def static_cache(model, inputs, windows: str) -> dict:
     if windows == "default":
         return {"cache_implementation": "static"}
-    cache = DynamicLlavaStaticCache(model.config, max_cache_len=prompt + NEW_TOKENS, capacity_step=2, window_buckets=4)
-    return {CACHE_NAME: cache}
+    return {CACHE_NAME: windowed_cache(model, inputs, "greedy")}
 
 
 @pytest.mark.parametrize("windows", ["default", "several"])
@@ -428,7 +427,7 @@ def test_compiled_static_cache_decoding_equals_eager(windows):
         logger.addHandler(logs)
     try:
         runs = [
-            generate(model, *inputs, compile_config=config, **static_cache(model, prompt, windows)) for _ in range(2)
+            generate(model, *inputs, compile_config=config, **static_cache(model, inputs, windows)) for _ in range(2)
         ]
         if ON_CUDA:
             torch.cuda.synchronize()

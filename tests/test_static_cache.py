@@ -140,11 +140,14 @@ def test_a_second_turn_grows_a_passed_cache(turn_tokens):
     assert results[1].get(CACHE_NAME).groups[0].capacity >= results[1].sequences.shape[1]
 
 
+def new_tokens(mode: str) -> int:
+    return MODES[mode].get("max_new_tokens", NEW_TOKENS)
+
+
 def windowed_cache(model, inputs, mode: str) -> DynamicLlavaStaticCache:
     """A static cache whose read window grows in small steps (every 2 columns at least, 4 sizes at most), so that the
     tiny generations here take several windows, each smaller than the buffers."""
-    new_tokens = MODES[mode].get("max_new_tokens", NEW_TOKENS)
-    max_cache_len = inputs[0].shape[1] + new_tokens
+    max_cache_len = inputs[0].shape[1] + new_tokens(mode)
     return DynamicLlavaStaticCache(model.config, max_cache_len=max_cache_len, capacity_step=2, window_buckets=4)
 
 
@@ -180,7 +183,7 @@ def test_read_windows_equal_whole_buffers(mode, host_lengths, monkeypatch):
     assert_same_cache(cache, dynamic.get(CACHE_NAME))
     for rows in cache.groups:
         sizes = [columns for group, columns in windows if group is rows]
-        assert len(sizes) == MODES[mode].get("max_new_tokens", NEW_TOKENS) - 1  # every decoding step
+        assert len(sizes) == new_tokens(mode) - 1  # every decoding step
         assert sizes == sorted(sizes) and len(set(sizes)) <= 4 and sizes[0] < rows.capacity
         assert len(set(sizes)) > 1 or host_lengths  # the bound grows by a token per step; the lengths may not
 
@@ -245,8 +248,8 @@ def test_the_decoding_step_is_one_graph_without_recompiles():
     assert torch.equal(caches[0].stored_lengths(), caches[1].stored_lengths())
 
 
-def compile_config(backend: str = "inductor") -> CompileConfig:
-    config = CompileConfig(fullgraph=True, dynamic=False, mode="default", backend=backend)
+def compile_config() -> CompileConfig:
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
     config._compile_all_devices = True  # generate() compiles only on accelerators unless told so (as for Llava)
     return config
 

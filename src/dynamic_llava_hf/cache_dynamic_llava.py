@@ -78,12 +78,14 @@ class StepPlan:
     `positions[b, i]`: the input position of current token `i` (None: the step's tokens in order).
     `slots` (`[batch, 1, new_tokens, 1]`): the buffer column each new token goes to, computed once for all the
     group's layers; None when every row stores all new tokens behind equally long pasts (a contiguous copy).
+    `columns`: how many buffer columns an in-place step of the fixed-capacity cache lets attention read (its window).
     """
 
     persist: torch.Tensor
     in_place: bool
     positions: torch.Tensor | None = None
     slots: torch.Tensor | None = None
+    columns: int | None = None
 
 
 def storage_rank(persist: torch.Tensor) -> torch.Tensor:

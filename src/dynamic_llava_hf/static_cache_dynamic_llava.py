@@ -72,7 +72,6 @@ class StaticRowLengths(RowLengths):
         # dimension that dynamo treats as dynamic, so that every window size runs the same compiled graph.
         self.window: torch.Tensor | None = None
         self.column_ids: torch.Tensor | None = None  # arange(capacity), whose prefixes are the windows
-        self.step_columns = 0  # columns the current decoding step reads
         super().__init__()
 
     def _fresh(self) -> "StaticRowLengths":
@@ -111,7 +110,7 @@ class StaticRowLengths(RowLengths):
         """After a multi-token forward: `stored` is the longest row's entries, `still_to_come` the most decoding steps
         left; the window takes at most `buckets` sizes over them, growing by at least `min_quantum` columns."""
         self.window_base, self.window_steps, self.window = stored, 0, None
-        self.window_quantum = max(-(-still_to_come // max(buckets, 1)), min_quantum, 1)
+        self.window_quantum = max(-(-still_to_come // buckets), min_quantum)
 
     def plan_window(self) -> None:
         """Before a decoding step, on the host: the columns it must read, i.e. up to the new token's column in the
@@ -189,8 +188,7 @@ class DynamicLlavaStaticLayer(DynamicLlavaLayer):
         rows = torch.arange(slots.shape[0], device=slots.device)
         self.key_buffer[rows, :, slots] = key_states[:, :, 0]
         self.value_buffer[rows, :, slots] = value_states[:, :, 0]
-        columns = self.rows.step_columns
-        return self.key_buffer[:, :, :columns], self.value_buffer[:, :, :columns]
+        return self.key_buffer[:, :, : plan.columns], self.value_buffer[:, :, : plan.columns]
 
     def select_rows(self, index: torch.Tensor) -> None:
         if self.is_initialized and index.shape[0] == self.key_buffer.shape[0]:
@@ -293,9 +291,9 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         # A decoding step: nothing read on the host; shapes fixed by the capacity, but for the planned window's
         # length (dynamic in a compiled step).
         slots = rows.lengths.view(batch, 1, 1, 1)
-        rows.plan = StepPlan(persist=persist, in_place=True, positions=positions, slots=slots)
-        rows.step_columns = rows.take_window()
-        width = rows.step_columns - 1
+        columns = rows.take_window()
+        rows.plan = StepPlan(persist=persist, in_place=True, positions=positions, slots=slots, columns=columns)
+        width = columns - 1
         return KeyLayout(
             lengths=rows.lengths, past_width=width, in_place=True, uniform=False, positions=rows.positions[:, :width]
         )
