@@ -152,13 +152,14 @@ def windowed_cache(model, inputs, mode: str) -> DynamicLlavaStaticCache:
 
 
 def record_windows(monkeypatch) -> list:
-    """(group, columns read) of every decoding step, as the cache hands them to the layers."""
+    """(group, columns read, columns needed: one past the longest row) of every eager decoding step, as the cache
+    hands them to the layers."""
     seen, take_window = [], StaticRowLengths.take_window
 
     def recording(rows):
         columns = take_window(rows)
         if not torch.compiler.is_compiling():
-            seen.append((rows, columns))
+            seen.append((rows, columns, int(rows.lengths.max()) + 1))
         return columns
 
     monkeypatch.setattr(StaticRowLengths, "take_window", recording)
@@ -168,10 +169,10 @@ def record_windows(monkeypatch) -> list:
 @pytest.mark.parametrize("host_lengths", [True, False], ids=["lengths-read", "bound-only"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_read_windows_equal_whole_buffers(mode, host_lengths, monkeypatch):
-    """generate() plans each decoding step's read window on the host (a few sizes per generation, each covering the
-    longest row and the new token), from the lengths (CPU) or from a bound alone (what a GPU gets, no
-    synchronisation); windowed steps give the dynamic cache's tokens, logits and stored entries while reading fewer
-    columns than the buffers hold."""
+    """generate() plans each decoding step's read window on the host: from the lengths (CPU), exactly the longest row
+    and the new token; from a bound alone (what a GPU gets, no synchronisation), a few growing sizes that cover them.
+    Windowed steps give the dynamic cache's tokens, logits and stored entries while reading fewer columns than the
+    buffers hold."""
     model = tiny_model()
     inputs = build_prompts(ROWS)
     dynamic = run(model, mode, inputs)
@@ -182,10 +183,15 @@ def test_read_windows_equal_whole_buffers(mode, host_lengths, monkeypatch):
     cache = static.get(CACHE_NAME)
     assert_same_cache(cache, dynamic.get(CACHE_NAME))
     for rows in cache.groups:
-        sizes = [columns for group, columns in windows if group is rows]
-        assert len(sizes) == new_tokens(mode) - 1  # every decoding step
-        assert sizes == sorted(sizes) and len(set(sizes)) <= 4 and sizes[0] < rows.capacity
-        assert len(set(sizes)) > 1 or host_lengths  # the bound grows by a token per step; the lengths may not
+        steps = [(columns, needed) for group, columns, needed in windows if group is rows]
+        assert len(steps) == new_tokens(mode) - 1  # every decoding step
+        sizes = [columns for columns, _ in steps]
+        assert min(sizes) < rows.capacity
+        if host_lengths:
+            assert all(columns == needed for columns, needed in steps)
+        else:
+            assert all(columns >= needed for columns, needed in steps)
+            assert sizes == sorted(sizes) and 1 < len(set(sizes)) <= 4  # the bound grows by a token per step
 
 
 def test_unplanned_steps_read_whole_buffers(monkeypatch):
@@ -209,7 +215,7 @@ def test_unplanned_steps_read_whole_buffers(monkeypatch):
     decode_steps(cache, token, position + 1, 1, model)  # not planned
     cache.plan_decoding_step()
     decode_steps(cache, token, position + 2, 1, model)  # planned, without a bound
-    full_window, full_unplanned, full_after = (columns for rows, columns in windows if rows is cache.groups[0])
+    full_window, full_unplanned, full_after = (columns for rows, columns, _ in windows if rows is cache.groups[0])
     assert full_window < cache.groups[0].capacity == full_unplanned == full_after
 
 

@@ -21,9 +21,9 @@ generated tokens the output-text predictor kept). The difference is the room aro
   multi-token forward plus one entry per decoding step since), on the CPU from the lengths themselves (reading them
   there costs nothing). So attention reads about what the rows hold instead of the worst case; a decoding step is
   memory-bound, and fewer bytes read is time saved. The window reaches the step as a tensor whose length dynamo treats
-  as dynamic: every size runs the same compiled graph. It still takes only a few sizes per generation
-  (`window_buckets`), because CUDA graphs record one graph per size. A step nobody planned (a forward called by hand)
-  reads every column.
+  as dynamic: every size runs the same compiled graph. On a GPU it takes only a few sizes per generation
+  (`window_buckets`), because CUDA graphs record one graph per size; on the CPU it is exact. A step nobody planned (a
+  forward called by hand) reads every column.
 - The host-side extrema of the lengths (`max_length`, used by multi-token forwards and the public `keys` view) are
   read lazily, one synchronisation when next needed.
 
@@ -114,19 +114,20 @@ class StaticRowLengths(RowLengths):
 
     def plan_window(self) -> None:
         """Before a decoding step, on the host: the columns it must read, i.e. up to the new token's column in the
-        longest row. Without looking at the lengths that is at most `window_base + steps planned before it` (each step
-        adds at most one entry per row); where the lengths live in host memory (CPU) reading them is free, and the
-        window follows what the rows really store (kept tokens only). Rounded up to the next multiple of
-        `window_quantum` past `window_base`: a few distinct sizes per generation (one CUDA graph each)."""
+        longest row. Where the lengths live in host memory (CPU) reading them is free: the window is exactly that, and
+        follows what the rows really store (kept tokens only). On a GPU it comes from a bound instead, `window_base +
+        steps planned so far` (each step adds at most one entry per row), rounded up to the next multiple of
+        `window_quantum`: a few distinct sizes per generation, one CUDA graph each."""
         if self.window_base is None:
             self.window = None
             return
         self.window_steps += 1
-        reach = self.window_steps
         if self.lengths.device.type == "cpu" and self.read_lengths_on_host:
-            reach = max(min(reach, int(self.lengths.max()) + 1 - self.window_base), 1)
-        reach = -(-reach // self.window_quantum) * self.window_quantum
-        self.window = self.column_ids[: min(self.window_base + reach, self.capacity)]
+            # Exact: no CUDA graphs here, so a new size costs nothing (the compiled graph takes any length).
+            columns = int(self.lengths.max()) + 1
+        else:
+            columns = self.window_base + -(-self.window_steps // self.window_quantum) * self.window_quantum
+        self.window = self.column_ids[: min(columns, self.capacity)]
         if self.window.shape[0] > 1:  # (dynamo specialises sizes 0 and 1 anyway)
             torch._dynamo.maybe_mark_dynamic(self.window, 0)
 
@@ -207,9 +208,9 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
     `max_cache_len`: the most tokens (prompt + generated, padding included) the cache will see; `generate()` passes its
     generation length (and raises it when the cache is passed back). Decoding past it fails with an index error, as
     with transformers' StaticCache: a decoding step cannot look at the lengths to grow the buffers. `capacity_step`:
-    capacities are rounded up to a multiple of it. `window_buckets`: the most read-window sizes per generation (all run
-    one compiled graph; with CUDA graphs each size is recorded once); the window grows by at least `capacity_step`
-    columns at a time.
+    capacities are rounded up to a multiple of it. `window_buckets`: on a GPU, the most read-window sizes per
+    generation (all run one compiled graph; with CUDA graphs each size is recorded once); the window grows by at least
+    `capacity_step` columns at a time. On the CPU the window is exact (one column past the longest row).
     """
 
     layer_class = DynamicLlavaStaticLayer
