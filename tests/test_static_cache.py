@@ -145,8 +145,8 @@ def new_tokens(mode: str) -> int:
 
 
 def windowed_cache(model, inputs, mode: str) -> DynamicLlavaStaticCache:
-    """A static cache whose read window grows in small steps (every 2 columns at least, 4 sizes at most), so that the
-    tiny generations here take several windows, each smaller than the buffers."""
+    """A static cache with small capacity steps and, where windows come from the bound (GPU), at most 4 window sizes
+    growing by 2 columns at least: the tiny generations here take several windows, each smaller than the buffers."""
     max_cache_len = inputs[0].shape[1] + new_tokens(mode)
     return DynamicLlavaStaticCache(model.config, max_cache_len=max_cache_len, capacity_step=2, window_buckets=4)
 
