@@ -45,6 +45,10 @@ from .cache_dynamic_llava import (
 )
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def _mark_static(*tensors: torch.Tensor) -> None:
     """Tells dynamo that these tensors keep their address (they are updated in place), as transformers' StaticLayer
     does; needed for CUDA graphs. Skipped while tracing."""
@@ -126,7 +130,7 @@ class StaticRowLengths(RowLengths):
             # Exact: no CUDA graphs here, so a new size costs nothing (the compiled graph takes any length).
             columns = int(self.lengths.max()) + 1
         else:
-            columns = self.window_base + -(-self.window_steps // self.window_quantum) * self.window_quantum
+            columns = self.window_base + _round_up(self.window_steps, self.window_quantum)
         self.window = self.column_ids[: min(columns, self.capacity)]
         if self.window.shape[0] > 1:  # (dynamo specialises sizes 0 and 1 anyway)
             torch._dynamo.maybe_mark_dynamic(self.window, 0)
@@ -317,7 +321,7 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         fed = first_plan.persist.shape[1] if first_plan is not None else num_new
         still_to_come = max(self.max_cache_len - (self.seen_tokens + fed), 0)
         needed = max(rows.max_length + num_new, stored_after + still_to_come, 1)
-        rows.reserve(-(-needed // self.capacity_step) * self.capacity_step)
+        rows.reserve(_round_up(needed, self.capacity_step))
         rows.reserved_for = self.max_cache_len
         rows.start_window(stored_after, still_to_come, self.window_buckets, self.capacity_step)
 
