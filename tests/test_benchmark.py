@@ -1,6 +1,10 @@
 """`dynamic-llava bench` on the tiny preset: what it measures and writes (fields, tables, plot), not how fast it is."""
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,6 +234,31 @@ def test_compiled_prefill_is_measured_and_labelled():
         BenchSettings(compile_prefill=True, warmup=0).validate()
 
 
+def test_compile_prefill_mode_is_passed_on_and_labelled(monkeypatch):
+    """The mode reaches `compile_prefill`; a CUDA-graph mode needs a second warm-up run (the recording)."""
+    received = []
+    monkeypatch.setattr(
+        "dynamic_llava_hf.DynamicLlavaForConditionalGeneration.compile_prefill",
+        lambda self, **kwargs: received.append(kwargs),
+    )
+    common = {"preset": "tiny", "device": "cpu", "decode_batch_sizes": (), "sweep_keep_rates": (), "progress": False}
+    settings = BenchSettings(
+        **common,
+        prefill_batch_sizes=(1,),
+        repeats=1,
+        warmup=2,
+        compile_prefill=True,
+        compile_prefill_mode="reduce-overhead",
+    )
+    results = run_benchmark(settings)
+    assert received == [{"backend": "inductor", "mode": "reduce-overhead"}]
+    assert "backend inductor, mode reduce-overhead; compiled during the warm-up" in markdown_report(results)
+    with pytest.raises(ValueError, match="records CUDA graphs: it needs warmup >= 2"):
+        BenchSettings(**common, compile_prefill=True, compile_prefill_mode="reduce-overhead", warmup=1).validate()
+    with pytest.raises(ValueError, match="compile_prefill_mode applies to compile_prefill, which is off"):
+        BenchSettings(**common, compile_prefill_mode="reduce-overhead").validate()
+
+
 def test_output_keep_pattern_is_undone_after_the_block():
     model, _ = build_models(PRESETS["tiny"], torch.device("cpu"), torch.float32)
     with output_keep_pattern(model, "alternate"):
@@ -254,3 +283,14 @@ def test_baseline_shares_the_weights_and_matches_with_sparsity_off():
     assert model.model.output_text_score_predictor.output_mlp[-1].bias[0].item() == pytest.approx(
         calibration["keep_logit_shift"]
     )
+
+
+def test_profile_prefill_example_reports_both_models(tmp_path):
+    """examples/profile_prefill.py on `tiny` (CPU: no kernels to count): a timing line per model, the tables saved."""
+    script = Path(__file__).parent.parent / "examples" / "profile_prefill.py"
+    command = [sys.executable, str(script), "--preset", "tiny", "--device", "cpu", "--dtype", "float32"]
+    command += ["--warmup", "1", "--repeats", "2", "--output-dir", str(tmp_path)]
+    printed = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout
+    for name in ("Dynamic-LLaVA", "Llava"):
+        assert re.search(rf"^{name}: [0-9.]+ ms per forward \(median of 2\), 0 kernel launches", printed, re.M)
+        assert (tmp_path / f"profile-{name}.txt").read_text().strip()

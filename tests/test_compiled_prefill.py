@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
+from dynamic_llava_hf.compiled_prefill_dynamic_llava import uses_cuda_graphs
 from test_generation import ROWS, generate
 from test_static_cache import assert_same_cache, assert_same_generation
 from tiny_models import build_prompts, tiny_model
@@ -118,3 +119,16 @@ def test_vision_tower_and_image_predictor_compile_in_place(tmp_path):
     assert list(compiled.state_dict()) == keys
     compiled.save_pretrained(tmp_path)
     assert_same_generation(expected, generate(type(compiled).from_pretrained(tmp_path), *inputs))
+
+
+def test_which_compile_arguments_record_cuda_graphs():
+    """Under CUDA graphs the compiled loop's hidden states are copied out of the graphs' memory pool (the next compiled
+    call reuses it); these arguments say whether that applies."""
+    assert not uses_cuda_graphs({})
+    assert uses_cuda_graphs({"mode": "reduce-overhead"}) and uses_cuda_graphs({"mode": "max-autotune"})
+    assert not uses_cuda_graphs({"mode": "max-autotune-no-cudagraphs"})
+    assert uses_cuda_graphs({"options": {"triton.cudagraphs": True}})
+    assert not uses_cuda_graphs({"mode": "reduce-overhead", "backend": "aot_eager"})  # inductor's option only
+    model = tiny_model()
+    model.compile_prefill(backend="aot_eager")
+    assert not model.model.compiled_loop_uses_cuda_graphs

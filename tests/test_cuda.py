@@ -16,6 +16,7 @@ output layers are re-initialised (`decisive_predictors`) so that their margins a
 (random init through three small layers), which would make every decision a near tie.
 """
 
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -396,6 +397,47 @@ def cuda_graph_trees() -> str:
         return f"unknown ({type(error).__name__}: {error})"
 
 
+def graphed_decoding() -> CompileConfig:
+    """generate()'s compiled decoding step with CUDA graphs (inductor's default mode on the CPU dry run)."""
+    config = CompileConfig(mode="reduce-overhead" if ON_CUDA else "default")
+    config._compile_all_devices = True  # generate() compiles only on accelerators unless told so (the CPU dry run)
+    return config
+
+
+@contextlib.contextmanager
+def compilation_report(label: str):
+    """Resets dynamo, runs the block, then prints and warns what was compiled: graphs, graph breaks and (CUDA)
+    whether CUDA graphs were recorded or skipped, and why. A report, not an assertion: inductor may skip CUDA graphs
+    for reasons outside this package."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    logs = CapturedLogs()
+    loggers = [logging.getLogger(name) for name in ("torch._inductor", "torch._dynamo")]
+    for logger in loggers:
+        logger.addHandler(logs)
+    try:
+        yield
+        if ON_CUDA:
+            torch.cuda.synchronize()
+    finally:
+        for logger in loggers:
+            logger.removeHandler(logs)
+    skips = [message for message in logs.messages if "cudagraph" in message.lower()]
+    summary = (
+        f"{label} on {DEVICE.type}: unique graphs {counters['stats']['unique_graphs']}, graph breaks "
+        f"{sum(counters['graph_break'].values())}, cudagraph skips {counters['inductor']['cudagraph_skips']}"
+    )
+    if ON_CUDA:
+        used = counters["inductor"]["cudagraph_skips"] == 0 and not skips
+        summary += f"; CUDA graphs {'USED' if used else 'SKIPPED'}: {cuda_graph_trees()}"
+        if skips:
+            summary += f"; messages: {' | '.join(dict.fromkeys(skips))}"
+    print(summary)
+    warnings.warn(summary)
+
+
 def static_cache(model, inputs, windows: str) -> dict:
     if windows == "default":
         return {"cache_implementation": "static"}
@@ -409,45 +451,17 @@ def test_compiled_static_cache_decoding_equals_eager(windows):
     CUDA graph recorded per size). Whether CUDA graphs were really used (or skipped, and why) is reported, not
     asserted: inductor may skip them for reasons outside this package. On the CPU (dry run) the mode is inductor's
     default one (CUDA graphs exist only on CUDA)."""
-    from torch._dynamo.utils import counters
-
     dtype = torch.float32
     model = gpu_model("sdpa", dtype)
     inputs = prompts(ROWS, dtype)
     prompt = inputs[0].shape[1]
     eager = generate(model, *inputs)
 
-    torch._dynamo.reset()
-    counters.clear()
-    config = CompileConfig(mode="reduce-overhead" if ON_CUDA else "default")
-    config._compile_all_devices = True  # generate() compiles only on accelerators unless told so (the CPU dry run)
-    logs = CapturedLogs()
-    loggers = [logging.getLogger(name) for name in ("torch._inductor", "torch._dynamo")]
-    for logger in loggers:
-        logger.addHandler(logs)
-    try:
+    with compilation_report("compiled decoding"):
         runs = [
-            generate(model, *inputs, compile_config=config, **static_cache(model, inputs, windows)) for _ in range(2)
+            generate(model, *inputs, compile_config=graphed_decoding(), **static_cache(model, inputs, windows))
+            for _ in range(2)
         ]
-        if ON_CUDA:
-            torch.cuda.synchronize()
-    finally:
-        for logger in loggers:
-            logger.removeHandler(logs)
-
-    skips = [message for message in logs.messages if "cudagraph" in message.lower()]
-    summary = (
-        f"compiled decoding on {DEVICE.type}: unique graphs {counters['stats']['unique_graphs']}, graph breaks "
-        f"{sum(counters['graph_break'].values())}, "
-        f"cudagraph skips {counters['inductor']['cudagraph_skips']}"
-    )
-    if ON_CUDA:
-        used = counters["inductor"]["cudagraph_skips"] == 0 and not skips
-        summary += f"; CUDA graphs {'USED' if used else 'SKIPPED'}: {cuda_graph_trees()}"
-        if skips:
-            summary += f"; messages: {' | '.join(dict.fromkeys(skips))}"
-    print(summary)
-    warnings.warn(summary)
 
     for label, compiled in zip(("first call", "second call"), runs):
         compare_generations(compiled, eager, prompt, dtype, f"compiled ({label}) vs eager")
@@ -474,3 +488,25 @@ def test_inductor_compiled_prefill_equals_eager():
     assert len(calls) == 2 and calls[1] < calls[0]  # the prefill's two groups, the second one pruned
     compare_generations(got, expected, inputs[0].shape[1], dtype, "compiled prefill vs eager")
     assert torch.equal(got.get(CACHE_NAME).stored_lengths(), expected.get(CACHE_NAME).stored_lengths())
+
+
+def test_compiled_prefill_under_cuda_graphs():
+    """`compile_prefill(mode="reduce-overhead")`: the prefill's layer loops, vision tower and image predictor as CUDA
+    graphs (on the CPU dry run: compiled, no graphs). Two prompt shapes, interleaved, three generations each (warm-up,
+    recording, replays), then compiled decoding (its own CUDA graphs) after a replayed prefill: every generation gives
+    the eager model's tokens and cache lengths."""
+    dtype = torch.float32
+    eager = gpu_model("sdpa", dtype)
+    compiled = copy.deepcopy(eager)
+    batches = [prompts(ROWS, dtype), prompts([(2, 1, 9)], dtype)]
+    expected = [generate(eager, *inputs) for inputs in batches]
+    with compilation_report("prefill under CUDA graphs"):
+        compiled.compile_prefill(mode="reduce-overhead")
+        for run in range(3):
+            for index, (inputs, reference) in enumerate(zip(batches, expected)):
+                got = generate(compiled, *inputs)
+                compare_generations(got, reference, inputs[0].shape[1], dtype, f"prompt shape {index}, run {run}")
+                assert torch.equal(got.get(CACHE_NAME).stored_lengths(), reference.get(CACHE_NAME).stored_lengths())
+        got = generate(compiled, *batches[0], cache_implementation="static", compile_config=graphed_decoding())
+    compare_generations(got, expected[0], batches[0][0].shape[1], dtype, "graphed prefill and decoding")
+    assert compiled.model.compiled_loop_uses_cuda_graphs

@@ -48,18 +48,37 @@ class KeyValueRecorder:
             cache.update(key_states, value_states, layer_idx)
 
 
+def uses_cuda_graphs(torch_compile_kwargs: dict) -> bool:
+    """Whether `torch.compile` with these arguments records CUDA graphs (inductor's modes that do, or its
+    `triton.cudagraphs` option)."""
+    if torch_compile_kwargs.get("backend", "inductor") != "inductor":
+        return False
+    options = torch_compile_kwargs.get("options") or {}
+    mode = torch_compile_kwargs.get("mode")
+    return bool(options.get("triton.cudagraphs", mode in ("reduce-overhead", "max-autotune")))
+
+
 class CompiledPrefillMixin:
     """`DynamicLlavaModel.compile_prefill()` and the dispatch of a layer group to the compiled loop."""
 
     compiled_layer_loop = None  # `run_decoder_layers` under torch.compile, once `compile_prefill()` was called
+    compiled_loop_uses_cuda_graphs = False
 
     def compile_prefill(self, **torch_compile_kwargs) -> None:
         """Runs the decoder-layer loops of a prefill (a forward with an empty cache, or none) as compiled graphs, one
         per layer group, and compiles the vision tower and the image predictor in place; dynamic shapes unless told
         otherwise (prompts of any length and any number of images share the graphs). `torch_compile_kwargs` go to
-        `torch.compile` (e.g. `backend`, `mode`). Outputs are those of the eager modules."""
+        `torch.compile` (e.g. `backend`, `mode`). Outputs are those of the eager modules.
+
+        `mode="reduce-overhead"` adds CUDA graphs on a GPU (a batch-1 prefill is otherwise bound by launching
+        kernels): each input shape (batch, prompt length) is run once to warm up, recorded on its second call and
+        replayed from the third. As everywhere in PyTorch's CUDA graphs, a graph's outputs live in memory that its
+        next call reuses; the model copies what it keeps (the cache entries, the loops' hidden states), but the
+        vision tower's own outputs in `output.image_outputs` (`last_hidden_state`, `hidden_states`) are valid only
+        until the next compiled call: clone them to keep them."""
         options = {"dynamic": True, **torch_compile_kwargs}
         self.compiled_layer_loop = torch.compile(run_decoder_layers, **options)
+        self.compiled_loop_uses_cuda_graphs = uses_cuda_graphs(options)
         # Both run once per prefill and, left eager, launch hundreds of small kernels at batch 1 (CLIP-L: 24 layers).
         # `Module.compile` compiles in place: parameter names, the state dict and saving stay as they were.
         for module in (self.vision_tower, self.image_score_predictor):
@@ -81,8 +100,11 @@ class CompiledPrefillMixin:
     def run_compiled_loop(self, layers, step, cache, mask, **kwargs) -> None:
         """Runs `layers` over the step's slots in the compiled loop; then the cache (if any) stores their K/V."""
         recorder = KeyValueRecorder() if cache is not None else None
-        step.hidden_states = self.compiled_layer_loop(
+        hidden_states = self.compiled_layer_loop(
             layers, step.hidden_states, mask, step.position_embeddings, recorder, **kwargs
         )
+        # Under CUDA graphs the output lives in the graphs' memory pool, which the next compiled call (the image
+        # predictor's, the next group's) hands to its own outputs; the step still needs it after that.
+        step.hidden_states = hidden_states.clone() if self.compiled_loop_uses_cuda_graphs else hidden_states
         if recorder is not None:
             recorder.write_to(cache)

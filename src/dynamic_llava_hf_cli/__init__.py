@@ -441,6 +441,11 @@ def add_bench_command(commands) -> None:
         help="our prefill with its decoder-layer loops, vision tower and image predictor compiled "
         "(model.compile_prefill, --compile-backend); the baseline's prefill stays eager, as generate() runs it",
     )
+    bench.add_argument(
+        "--compile-prefill-mode",
+        help="torch.compile mode of --compile-prefill (default: inductor's default); reduce-overhead adds CUDA "
+        "graphs on a GPU (then --warmup >= 2: the first call warms up, the second records)",
+    )
     bench.add_argument("--output", help="JSON file (default: bench-PRESET.json)")
     bench.add_argument("--plot", help="PNG file of the keep-rate sweep (default: bench-PRESET.png)")
     bench.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -477,6 +482,7 @@ BENCH_SETTINGS = (
     "compile_backend",
     "compile_dynamic",
     "compile_prefill",
+    "compile_prefill_mode",
 )
 
 

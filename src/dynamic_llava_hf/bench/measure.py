@@ -284,7 +284,7 @@ def run_benchmark(settings: BenchSettings) -> dict:
         preset, device, dtype, settings.attn_implementation, settings.vision_keep_rate, settings.seed
     )
     if settings.compile_prefill:
-        model.compile_prefill(backend=settings.compile_backend)
+        model.compile_prefill(**settings.prefill_compile_kwargs())
     return measure_everything(settings, preset, device, dtype, new_tokens, model, baseline)
 
 

@@ -8,6 +8,7 @@ from transformers import (
     LlamaConfig,
 )
 
+from ..compiled_prefill_dynamic_llava import uses_cuda_graphs
 from ..configuration_dynamic_llava import DynamicLlavaConfig
 from ..utils import torch_dtype
 
@@ -215,6 +216,8 @@ class BenchSettings:
     # Our prefill with its decoder-layer loops, vision tower and image predictor compiled
     # (`model.compile_prefill(backend=compile_backend)`); the baseline's prefill stays eager, as generate() runs it.
     compile_prefill: bool = False
+    # torch.compile mode of that prefill (None: inductor's default); "reduce-overhead" adds CUDA graphs on a GPU.
+    compile_prefill_mode: str | None = None
     progress: bool = True
 
     def validate(self) -> None:
@@ -251,11 +254,25 @@ class BenchSettings:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.compile_prefill and self.warmup < 1:
             raise ValueError("compile_prefill needs warmup >= 1 (the warm-up compiles; it is not timed)")
+        if self.compile_prefill_mode is not None and not self.compile_prefill:
+            raise ValueError("compile_prefill_mode applies to compile_prefill, which is off")
+        if self.compile_prefill and self.warmup < 2 and uses_cuda_graphs(self.prefill_compile_kwargs()):
+            raise ValueError(
+                f"compile_prefill_mode {self.compile_prefill_mode!r} records CUDA graphs: it needs warmup >= 2 (the "
+                "first call warms up, the second records the graphs; only replays are timed)"
+            )
         rates = [self.output_keep_rate, *self.sweep_keep_rates]
         if self.vision_keep_rate is not None:
             rates.append(self.vision_keep_rate)
         if any(not 0.0 < r <= 1.0 for r in rates):
             raise ValueError(f"keep rates must lie in (0, 1], got {rates}")
+
+    def prefill_compile_kwargs(self) -> dict:
+        """`model.compile_prefill` keyword arguments."""
+        kwargs = {"backend": self.compile_backend}
+        if self.compile_prefill_mode is not None:
+            kwargs["mode"] = self.compile_prefill_mode
+        return kwargs
 
 
 def resolve_device_and_dtype(settings: BenchSettings) -> tuple[torch.device, torch.dtype]:

@@ -89,10 +89,11 @@ def markdown_report(results: dict) -> str:
             f"Median of {settings['repeats']} runs after {settings['warmup']} warm-up run(s), the models alternating."
         )
         if settings.get("compile_prefill"):
+            mode = settings.get("compile_prefill_mode")
             note += (
                 " Ours with its decoder-layer loops compiled (`compile_prefill`, with the vision tower and the image "
-                f"predictor; backend {settings['compile_backend']}; compiled during the warm-up); the baseline's "
-                "prefill is eager, as generate() runs it."
+                f"predictor; backend {settings['compile_backend']}{f', mode {mode}' if mode else ''}; compiled during "
+                "the warm-up); the baseline's prefill is eager, as generate() runs it."
             )
         lines += ["", note, ""]
 
