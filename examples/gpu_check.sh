@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks behind the README's GPU results, in one script (about 12 minutes on one H100, most of it compiling
-# LLaVA-1.5-7B-shaped graphs):
+# The GPU checks behind the README's GPU results, in one script (its steps' time limits add up to 13 minutes; at
+# LLaVA-1.5-7B's shape most of it is compiling):
 #   1. tests/test_cuda.py (low-precision equivalence with Llava, fused attention kernels, batched == per-row, compiled
 #      decoding and the compiled prefill under CUDA graphs);
 #   2. the prefill benchmark at batch 1 and 8 with `compile_prefill(mode="reduce-overhead")` (time to first token);
-#   3. batch-1 decoding: our compiled mode against transformers' static cache + compile;
-#   4. where a batch-1 prefill's time goes (examples/profile_prefill.py: launches, GPU busy time).
+#   3. where a batch-1 prefill's time goes (examples/profile_prefill.py: launches, GPU busy time);
+#   4. batch-1 decoding: our compiled mode against transformers' static cache + compile.
 # Random float16 weights, sdpa (PRESET and DTYPE pick another bench preset and dtype). Usage:
 #     bash examples/gpu_check.sh [OUTPUT_DIR]      # default: gpu-check
-# Each step has a time limit in seconds (T_TESTS, T_PREFILL, T_DECODE, T_PROFILE) and writes OUTPUT_DIR/STEP.log; a
+# Each step has a time limit in seconds (T_TESTS, T_PREFILL, T_PROFILE, T_DECODE) and writes OUTPUT_DIR/STEP.log; a
 # step that fails or runs out of time does not stop the next one.
 set -u
 out=${1:-gpu-check}
@@ -23,12 +23,12 @@ step() {
 }
 
 shape=(--preset "${PRESET:-llava-1.5-7b}" --dtype "${DTYPE:-float16}")
-step tests "${T_TESTS:-150}" python -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs -W default
+step tests "${T_TESTS:-120}" python -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs -W default
 step prefill "${T_PREFILL:-330}" python examples/benchmark.py "${shape[@]}" --prefill-batch-sizes 1 8 \
     --decode-batch-sizes --sweep-keep-rates --compile-prefill --compile-prefill-mode reduce-overhead --warmup 2 \
     --repeats 10 --no-progress --force --output "$out/prefill.json"
+step profile "${T_PROFILE:-150}" python examples/profile_prefill.py "${shape[@]}" --compile-prefill \
+    --compile-mode reduce-overhead --output-dir "$out"
 step decode "${T_DECODE:-180}" python examples/benchmark.py "${shape[@]}" --prefill-batch-sizes \
     --sweep-keep-rates --decode-batch-sizes 1 --new-tokens 256 --baselines compiled --our-modes compiled \
     --output-keep-pattern alternate --decode-repeats 2 --no-progress --force --output "$out/decode.json"
-step profile "${T_PROFILE:-180}" python examples/profile_prefill.py "${shape[@]}" --compile-prefill \
-    --compile-mode reduce-overhead --output-dir "$out"
