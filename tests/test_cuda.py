@@ -498,7 +498,9 @@ def test_compiled_prefill_under_cuda_graphs():
     dtype = torch.float32
     eager = gpu_model("sdpa", dtype)
     compiled = copy.deepcopy(eager)
-    batches = [prompts(ROWS, dtype), prompts([(2, 1, 9)], dtype)]
+    # Both batches of 3 rows: one compilation with dynamic lengths serves both (a batch of 1 would compile again).
+    batches = [prompts(ROWS, dtype), prompts([(2, 1, 9), (5, 1, 7), (1, 1, 1)], dtype)]
+    assert batches[0][0].shape[1] != batches[1][0].shape[1]
     expected = [generate(eager, *inputs) for inputs in batches]
     with compilation_report("prefill under CUDA graphs"):
         compiled.compile_prefill(mode="reduce-overhead")
