@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
-from dynamic_llava_hf.compiled_prefill_dynamic_llava import uses_cuda_graphs
+from dynamic_llava_hf.compiled_prefill_dynamic_llava import run_decoder_layers, uses_cuda_graphs
 from test_generation import ROWS, generate
 from test_static_cache import assert_same_cache, assert_same_generation
 from tiny_models import build_prompts, tiny_model
@@ -132,3 +132,70 @@ def test_which_compile_arguments_record_cuda_graphs():
     model = tiny_model()
     model.compile_prefill(backend="aot_eager")
     assert not model.model.compiled_loop_uses_cuda_graphs
+
+
+class GraphPool:
+    """Emulates, on the CPU, what CUDA graphs do to their outputs: they live in a memory pool that the next graphed
+    call reuses. Every output of a wrapped call (the layer loop's hidden states and recorded keys/values, the vision
+    tower's and the image predictor's outputs) is filled with NaN when the next wrapped call starts, so a model that
+    reads one afterwards produces NaN or other tokens."""
+
+    def __init__(self):
+        self.live: list[torch.Tensor] = []
+        self.calls = 0
+
+    def overwrite(self) -> None:
+        self.calls += 1
+        for tensor in self.live:
+            tensor.fill_(float("nan"))
+        self.live = []
+
+    def keep(self, output) -> None:
+        if isinstance(output, torch.Tensor):
+            self.live.append(output)
+        elif isinstance(output, (tuple, list)):
+            for item in output:
+                self.keep(item)
+        elif isinstance(output, dict):  # ModelOutput
+            for item in output.values():
+                self.keep(item)
+
+    def wrap_loop(self, loop):
+        def graphed_loop(layers, hidden_states, mask, position_embeddings, recorder, **kwargs):
+            self.overwrite()
+            output = loop(layers, hidden_states, mask, position_embeddings, recorder, **kwargs)
+            self.keep(output)
+            if recorder is not None:
+                self.keep([key_value for _, *key_value in recorder.records])
+            return output
+
+        return graphed_loop
+
+    def wrap_module(self, module) -> None:
+        module.register_forward_pre_hook(lambda module, args: self.overwrite())
+        module.register_forward_hook(lambda module, args, output: self.keep(output))
+
+
+@pytest.mark.parametrize("copies_hidden_states", [True, False])
+def test_prefill_reads_no_graph_output_after_the_next_graphed_call(copies_hidden_states):
+    """The invariant CUDA graphs (`compile_prefill(mode="reduce-overhead")`) rely on, checked on the CPU with
+    `GraphPool`: with the loop's hidden states copied out (what the model does under CUDA graphs), generation gives the
+    eager tokens, logits and cache, twice in a row; without the copy, the pruning after the image predictor's call
+    reads overwritten hidden states (the check has teeth)."""
+    eager, graphed = tiny_model(), tiny_model()
+    pool = GraphPool()
+    graphed.model.compiled_layer_loop = pool.wrap_loop(run_decoder_layers)
+    graphed.model.compiled_loop_uses_cuda_graphs = copies_hidden_states
+    for module in (graphed.model.vision_tower, graphed.model.image_score_predictor):
+        pool.wrap_module(module)
+    inputs = build_prompts(ROWS)
+    expected = generate(eager, *inputs)
+    if not copies_hidden_states:
+        with pytest.raises(AssertionError):
+            assert_same_generation(expected, generate(graphed, *inputs))
+        return
+    for _ in range(2):
+        got = generate(graphed, *inputs)
+        assert_same_generation(expected, got)
+        assert_same_cache(expected.get(CACHE_NAME), got.get(CACHE_NAME))
+    assert pool.calls == 2 * 4  # per generation: vision tower, loop, image predictor, loop
