@@ -7,7 +7,7 @@
 #      met its target without CUDA graphs, and each batch size costs minutes of compiling);
 #   3. where a batch-1 prefill's time goes (examples/profile_prefill.py: launches, GPU busy time);
 #   4. batch-1 decoding: our compiled mode against transformers' static cache + compile.
-# Random float16 weights, sdpa (PRESET and DTYPE pick another bench preset and dtype). Usage:
+# Random float16 weights, sdpa (PRESET and DTYPE pick another bench preset and dtype, PYTHON the interpreter). Usage:
 #     bash examples/gpu_check.sh [OUTPUT_DIR]      # default: gpu-check
 # Each step has a time limit in seconds (T_TESTS, T_PREFILL, T_PROFILE, T_DECODE) and writes OUTPUT_DIR/STEP.log; a
 # step that fails or runs out of time does not stop the next one.
@@ -15,6 +15,7 @@ set -u
 out=${1:-gpu-check}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
 
 step() {
     local name=$1 limit=$2
@@ -24,12 +25,12 @@ step() {
 }
 
 shape=(--preset "${PRESET:-llava-1.5-7b}" --dtype "${DTYPE:-float16}")
-step tests "${T_TESTS:-200}" python -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs -W default
-step prefill "${T_PREFILL:-240}" python examples/benchmark.py "${shape[@]}" --prefill-batch-sizes 1 \
+step tests "${T_TESTS:-200}" "$python" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs -W default
+step prefill "${T_PREFILL:-240}" "$python" examples/benchmark.py "${shape[@]}" --prefill-batch-sizes 1 \
     --decode-batch-sizes --sweep-keep-rates --compile-prefill --compile-prefill-mode reduce-overhead --warmup 2 \
     --repeats 10 --no-progress --force --output "$out/prefill.json"
-step profile "${T_PROFILE:-150}" python examples/profile_prefill.py "${shape[@]}" --compile-prefill \
+step profile "${T_PROFILE:-150}" "$python" examples/profile_prefill.py "${shape[@]}" --compile-prefill \
     --compile-mode reduce-overhead --output-dir "$out"
-step decode "${T_DECODE:-180}" python examples/benchmark.py "${shape[@]}" --prefill-batch-sizes \
+step decode "${T_DECODE:-180}" "$python" examples/benchmark.py "${shape[@]}" --prefill-batch-sizes \
     --sweep-keep-rates --decode-batch-sizes 1 --new-tokens 256 --baselines compiled --our-modes compiled \
     --output-keep-pattern alternate --decode-repeats 2 --no-progress --force --output "$out/decode.json"
