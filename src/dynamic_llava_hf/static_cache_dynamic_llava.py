@@ -128,7 +128,7 @@ class StaticRowLengths(RowLengths):
         self.window_steps += 1
         if self.lengths.device.type == "cpu" and self.read_lengths_on_host:
             # Exact: no CUDA graphs here, so a new size costs nothing (the compiled graph takes any length).
-            columns = int(self.lengths.max()) + 1
+            columns = self.max_length + 1
         else:
             columns = self.window_base + _round_up(self.window_steps, self.window_quantum)
         self.window = self.column_ids[: min(columns, self.capacity)]
