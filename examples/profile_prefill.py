@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dynamic_llava_hf.bench.measure import build_models, make_inputs
 from dynamic_llava_hf.bench.presets import PRESETS
-from dynamic_llava_hf.bench.timing import Stopwatch
+from dynamic_llava_hf.bench.timing import Stopwatch, alternate
 from dynamic_llava_hf.utils import torch_dtype
 
 
@@ -63,23 +63,17 @@ def main() -> None:
     if args.compile_prefill:
         model.compile_prefill(**({"mode": args.compile_mode} if args.compile_mode else {}))
     inputs = make_inputs(preset, model.config, args.batch_size, device, dtype, seed=0)
-    stopwatch = Stopwatch(device)
-    forwards = {
-        "Dynamic-LLaVA": lambda: model(**inputs, use_cache=True, logits_to_keep=1),
-        "Llava": lambda: baseline(**inputs, use_cache=True, logits_to_keep=1),
+    forwards = {  # name: (the bench's side, forward)
+        "Dynamic-LLaVA": ("ours", lambda: model(**inputs, use_cache=True, logits_to_keep=1)),
+        "Llava": ("baseline", lambda: baseline(**inputs, use_cache=True, logits_to_keep=1)),
     }
-    times = {name: [] for name in forwards}
     with torch.inference_mode():
-        for _ in range(args.warmup):
-            for forward in forwards.values():
-                forward()
-        for _ in range(args.repeats):
-            for name, forward in forwards.items():
-                times[name].append(1000 * stopwatch(forward)[0])
-        for name, forward in forwards.items():
+        run_ours, run_baseline = (forward for _, forward in forwards.values())
+        samples, _ = alternate(run_ours, run_baseline, args.repeats, args.warmup, Stopwatch(device), tick=lambda: None)
+        for name, (side, forward) in forwards.items():
             summary, table = profile_forward(forward, device)
             print(
-                f"{name}: {statistics.median(times[name]):.2f} ms per forward (median of {args.repeats}), "
+                f"{name}: {1000 * statistics.median(samples[side]):.2f} ms per forward (median of {args.repeats}), "
                 f"{summary['kernel_launches']} kernel launches, GPU busy {summary['gpu_busy_ms']:.2f} ms"
             )
             if args.output_dir:
