@@ -88,6 +88,7 @@ def test_what_the_compiled_loop_does_not_cover_runs_eagerly():
     assert len(calls) == 2  # the first chunk only
 
 
+@pytest.mark.inductor
 def test_inductor_compiled_prefill_equals_eager():
     """The real compiler (inductor's generated code fuses and reorders float operations: equal within float32
     rounding, the same greedy tokens)."""

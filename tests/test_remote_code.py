@@ -8,6 +8,7 @@ import site
 import subprocess
 import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -257,17 +258,24 @@ def test_which_code_runs_installed_imported_or_not(tmp_path):
     with open(tmp_path / "modeling_dynamic_llava.py", "a", encoding="utf-8") as handle:
         handle.write('\nimport sys\nsys.modules["folder_code_ran"] = sys\n')  # a marker: this copy was executed
 
+    # Four fresh interpreters that share nothing but the folder (only the first writes transformers' module cache):
+    # run at once, they take the time of one or two.
+    scenarios = {"folder, trusted": (False, True), "folder, untrusted": (False, False)}
+    scenarios |= {f"imported, trust {trust}": (True, trust) for trust in (True, None)}
+    with ThreadPoolExecutor(len(scenarios)) as pool:
+        runs = dict(zip(scenarios, pool.map(lambda args: which_code_runs(tmp_path, *args), scenarios.values())))
+
     # Installed but not imported: trust_remote_code=True runs the folder's code, not the installed package.
-    result, _ = which_code_runs(tmp_path, import_package=False, trust=True)
+    result, _ = runs["folder, trusted"]
     assert result["model"].startswith("transformers_modules.") and result["folder_code_ran"]
     # ... and without trust_remote_code it does not load (None would first ask interactively).
-    result, output = which_code_runs(tmp_path, import_package=False, trust=False)
+    result, output = runs["folder, untrusted"]
     assert "trust_remote_code=True" in result["model"] and not result["folder_code_ran"]
     # The processor is transformers' LlavaProcessor: with trust_remote_code=False no prompt and no custom code.
     assert result["processor"] == "LlavaProcessor" and "Do you wish to run the custom code" not in output
     # Imported first: the installed classes, whatever trust_remote_code says; the folder's code never runs.
     for trust in (True, None):
-        result, output = which_code_runs(tmp_path, import_package=True, trust=trust)
+        result, output = runs[f"imported, trust {trust}"]
         assert result["model"] == "dynamic_llava_hf.modeling_dynamic_llava" and not result["folder_code_ran"]
         assert result["processor"] == "LlavaProcessor+LlavaProcessor"
         assert "Do you wish to run the custom code" not in output

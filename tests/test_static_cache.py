@@ -29,7 +29,7 @@ MODES = {
 
 def run(model, mode: str, inputs, **kwargs):
     torch.manual_seed(5)  # the same draws for sampling
-    return generate(model, *inputs, **MODES[mode], **kwargs)
+    return generate(model, *inputs, **{**MODES[mode], **kwargs})  # kwargs may override the mode's options
 
 
 def assert_same_generation(a, b, logits: bool = True):
@@ -284,19 +284,21 @@ def compile_decoding_steps(model) -> list[int]:
     return calls
 
 
+@pytest.mark.inductor
 def test_compiled_decoding_equals_eager():
     """generate() with `compile_config`, as a transformers user asks for it, gives eager decoding's tokens (inductor):
-    greedy, sampling with a seed, and per-row (a batch of one, each a graph of its own)."""
+    greedy, sampling with a seed, and per-row (a batch of one, a graph of its own)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = tiny_model()
     inputs = build_prompts(ROWS)
     compiled = {}
-    for mode in ("greedy", "sample"):  # sampling: two sequences per row, a batch of 6
-        eager = run(model, mode, inputs, cache_implementation="static")
-        compiled[mode] = run(model, mode, inputs, cache_implementation="static", compile_config=compile_config())
+    for mode in ("greedy", "sample"):  # one sequence per row: the same batch size, so greedy's graph serves sampling
+        options = {"cache_implementation": "static", "num_return_sequences": 1}
+        eager = run(model, mode, inputs, **options)
+        compiled[mode] = run(model, mode, inputs, compile_config=compile_config(), **options)
         assert_same_generation(eager, compiled[mode])
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one per batch size, no recompilation
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation between the two
     prompt = inputs[0].shape[1]
     for row, ids, mask, pixels in list(rows_alone(*inputs, ROWS))[:1]:
         alone = generate(model, ids, mask, pixels, cache_implementation="static", compile_config=compile_config())
@@ -306,6 +308,7 @@ def test_compiled_decoding_equals_eager():
         ).abs().max() <= FP32_SAME_MATH
 
 
+@pytest.mark.inductor
 def test_compiled_read_windows_share_one_graph(monkeypatch):
     """generate() with `compile_config` and windows of several sizes: one graph for all of them (the window's length
     is a dynamic dimension, even under `dynamic=False`), with eager decoding's tokens, logits and entries
@@ -325,6 +328,7 @@ def test_compiled_read_windows_share_one_graph(monkeypatch):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.inductor
 def test_compiled_beam_search_equals_eager():
     torch._dynamo.reset()
     model = tiny_model()

@@ -100,11 +100,16 @@ def download_tests(version: str, folder: Path) -> None:
         missing = [name for name in NEEDED if not (unpacked / name).is_file()]
         if missing:
             raise FileNotFoundError(f"the source distribution of transformers {version} has no tests/{missing}")
+        # Test workers (pytest-xdist) may download at the same time: the copy arrives whole, by one atomic rename, and
+        # a folder already there that is complete came from another process and is kept.
         folder.parent.mkdir(parents=True, exist_ok=True)
-        if all((folder / name).is_file() for name in NEEDED):  # another process finished first
-            return
-        shutil.rmtree(folder, ignore_errors=True)  # an incomplete earlier copy
-        shutil.move(str(unpacked), str(folder))
+        try:
+            os.rename(unpacked, folder)
+        except OSError:
+            if all((folder / name).is_file() for name in NEEDED):
+                return
+            shutil.rmtree(folder)  # incomplete: not one of these copies (files removed by hand, say)
+            os.rename(unpacked, folder)
 
 
 # Names that the shipped common files import from upstream test files the source distribution lacks.
