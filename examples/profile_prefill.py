@@ -63,14 +63,15 @@ def main() -> None:
     if args.compile_prefill:
         model.compile_prefill(**({"mode": args.compile_mode} if args.compile_mode else {}))
     inputs = make_inputs(preset, model.config, args.batch_size, device, dtype, seed=0)
-    forwards = {  # name: (the bench's side, forward)
-        "Dynamic-LLaVA": ("ours", lambda: model(**inputs, use_cache=True, logits_to_keep=1)),
-        "Llava": ("baseline", lambda: baseline(**inputs, use_cache=True, logits_to_keep=1)),
-    }
+    def run_ours():
+        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    def run_baseline():
+        return baseline(**inputs, use_cache=True, logits_to_keep=1)
+
     with torch.inference_mode():
-        run_ours, run_baseline = (forward for _, forward in forwards.values())
         samples, _ = alternate(run_ours, run_baseline, args.repeats, args.warmup, Stopwatch(device), tick=lambda: None)
-        for name, (side, forward) in forwards.items():
+        for name, side, forward in (("Dynamic-LLaVA", "ours", run_ours), ("Llava", "baseline", run_baseline)):
             summary, table = profile_forward(forward, device)
             print(
                 f"{name}: {1000 * statistics.median(samples[side]):.2f} ms per forward (median of {args.repeats}), "

@@ -15,19 +15,24 @@ from test_static_cache import assert_same_cache, assert_same_generation
 from tiny_models import build_prompts, tiny_model
 
 
-def compiled_twin(attn_implementation="sdpa", backend="aot_eager"):
-    """An eager tiny model, and the same model (same seed) with a compiled prefill whose loop calls are counted."""
-    eager, compiled = tiny_model(attn_implementation), tiny_model(attn_implementation)
-    compiled.compile_prefill(backend=backend)
-    loop = compiled.model.compiled_layer_loop
-    calls = []
+def count_compiled_loop_calls(model) -> list[tuple[int, ...]]:
+    """Wraps the model's compiled layer loop (after `compile_prefill()`); the list gets each call's hidden-states
+    shape."""
+    loop, calls = model.model.compiled_layer_loop, []
 
     def counted(layers, hidden_states, *args, **kwargs):
         calls.append(tuple(hidden_states.shape))
         return loop(layers, hidden_states, *args, **kwargs)
 
-    compiled.model.compiled_layer_loop = counted
-    return eager, compiled, calls
+    model.model.compiled_layer_loop = counted
+    return calls
+
+
+def compiled_twin(attn_implementation="sdpa", backend="aot_eager"):
+    """An eager tiny model, and the same model (same seed) with a compiled prefill whose loop calls are counted."""
+    eager, compiled = tiny_model(attn_implementation), tiny_model(attn_implementation)
+    compiled.compile_prefill(backend=backend)
+    return eager, compiled, count_compiled_loop_calls(compiled)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

@@ -29,6 +29,7 @@ import torch
 from transformers import CLIPVisionConfig, CompileConfig
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
+from test_compiled_prefill import count_compiled_loop_calls
 from test_generation import ROWS, generate, rows_alone
 from test_modeling_prefill import run as prefill
 from test_static_cache import windowed_cache
@@ -476,16 +477,10 @@ def test_inductor_compiled_prefill_equals_eager():
     eager = gpu_model("sdpa", dtype)
     compiled = copy.deepcopy(eager)
     compiled.compile_prefill()
-    loop, calls = compiled.model.compiled_layer_loop, []
-
-    def counted(layers, hidden_states, *args, **kwargs):
-        calls.append(hidden_states.shape[1])
-        return loop(layers, hidden_states, *args, **kwargs)
-
-    compiled.model.compiled_layer_loop = counted
+    calls = count_compiled_loop_calls(compiled)
     inputs = prompts(ROWS, dtype)
     expected, got = generate(eager, *inputs), generate(compiled, *inputs)
-    assert len(calls) == 2 and calls[1] < calls[0]  # the prefill's two groups, the second one pruned
+    assert len(calls) == 2 and calls[1][1] < calls[0][1]  # the prefill's two groups, the second one pruned
     compare_generations(got, expected, inputs[0].shape[1], dtype, "compiled prefill vs eager")
     assert torch.equal(got.get(CACHE_NAME).stored_lengths(), expected.get(CACHE_NAME).stored_lengths())
 
