@@ -285,6 +285,21 @@ def test_baseline_shares_the_weights_and_matches_with_sparsity_off():
     )
 
 
+def test_host_bound_preset_has_the_7b_depth_at_negligible_width():
+    """`host-bound` keeps what a prefill's host work depends on (LLaVA-1.5-7B's layers, its prompt around one image)
+    and runs like any preset (sparsification off, it equals Llava)."""
+    preset, reference = PRESETS["host-bound"], PRESETS["llava-1.5-7b"]
+    config, real = preset.config(), reference.config()
+    assert config.text_config.num_hidden_layers == real.text_config.num_hidden_layers
+    assert config.vision_config.num_hidden_layers == real.vision_config.num_hidden_layers
+    assert preset.num_text_tokens == reference.num_text_tokens
+    assert config.image_seq_length == 64 and config.text_config.hidden_size == 64
+    model, baseline = build_models(preset, torch.device("cpu"), torch.float32)
+    inputs = make_inputs(preset, model.config, 1, model.device, model.dtype, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, sparsity=False).logits, baseline(**inputs).logits)
+
+
 def test_profile_prefill_example_reports_both_models(tmp_path):
     """examples/profile_prefill.py on `tiny` (CPU: no kernels to count): a timing line per model, the tables saved."""
     script = Path(__file__).parent.parent / "examples" / "profile_prefill.py"
@@ -292,5 +307,6 @@ def test_profile_prefill_example_reports_both_models(tmp_path):
     command += ["--warmup", "1", "--repeats", "2", "--output-dir", str(tmp_path)]
     printed = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout
     for name in ("Dynamic-LLaVA", "Llava"):
-        assert re.search(rf"^{name}: [0-9.]+ ms per forward \(median of 2\), 0 kernel launches", printed, re.M)
+        line = rf"^{name}: [0-9.]+ ms per forward \(median of 2\), 0 kernel launches, .*, 0 compiled calls"
+        assert re.search(line, printed, re.M)
         assert (tmp_path / f"profile-{name}.txt").read_text().strip()

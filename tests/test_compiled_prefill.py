@@ -127,6 +127,23 @@ def test_vision_tower_and_image_predictor_compile_in_place(tmp_path):
     assert_same_generation(expected, generate(type(compiled).from_pretrained(tmp_path), *inputs))
 
 
+def test_a_compiled_prefill_has_no_graph_breaks():
+    """Each compiled function traces whole: a graph break would leave part of it eager, with a compiled frame (and
+    its guard checks) per piece at every prefill. The vision tower's output-capturing hooks, which transformers
+    installs in a first forward under a lock dynamo cannot trace, are installed by `compile_prefill` instead."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model()
+    model.compile_prefill(backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    generate(model, *build_prompts(ROWS))
+    assert dict(counters["graph_break"]) == {}
+    assert model.model.vision_tower._output_capturing_hooks_installed
+    # vision tower, image predictor, and the loop for each layer group (its layers differ: a graph of its own)
+    assert counters["stats"]["unique_graphs"] == 4
+
+
 def test_which_compile_arguments_record_cuda_graphs():
     """Under CUDA graphs the compiled loop's hidden states are copied out of the graphs' memory pool (the next compiled
     call reuses it); these arguments say whether that applies."""

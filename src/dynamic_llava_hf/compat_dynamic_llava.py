@@ -9,12 +9,20 @@ What differs between them, and nothing else does for this package:
   `image_hidden_states` became a deprecated property there. Our outputs keep `image_hidden_states` as a plain field on
   both releases and fill `image_outputs` where it exists.
 
+One internal helper is imported where it exists (both releases have it): the installer of the hooks that capture a
+vision tower's hidden states (see `compile_prefill`).
+
 Part of the remote-code bundle: imports only transformers.
 """
 
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
+
+try:  # internal to transformers: a release without it costs `compile_prefill` one graph break, nothing else
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks
+except ImportError:
+    maybe_install_capturing_hooks = None
 
 # The cache's name in forwards, decoder layers, `generate()`'s model kwargs and outputs: "cache" from 5.24 on.
 CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -37,4 +45,10 @@ def cache_and_image_fields(cache, image_outputs) -> dict:
     return fields
 
 
-__all__ = ["CACHE_NAME", "HAS_IMAGE_OUTPUTS", "cache_argument", "cache_and_image_fields"]
+__all__ = [
+    "CACHE_NAME",
+    "HAS_IMAGE_OUTPUTS",
+    "cache_argument",
+    "cache_and_image_fields",
+    "maybe_install_capturing_hooks",
+]

@@ -18,7 +18,7 @@ Part of the remote-code bundle: imports only torch, transformers and its sibling
 
 import torch
 
-from .compat_dynamic_llava import CACHE_NAME
+from .compat_dynamic_llava import CACHE_NAME, maybe_install_capturing_hooks
 
 
 def run_decoder_layers(layers, hidden_states, mask, position_embeddings, cache, **kwargs) -> torch.Tensor:
@@ -79,6 +79,11 @@ class CompiledPrefillMixin:
         options = {"dynamic": True, **torch_compile_kwargs}
         self.compiled_layer_loop = torch.compile(run_decoder_layers, **options)
         self.compiled_loop_uses_cuda_graphs = uses_cuda_graphs(options)
+        # transformers installs the hooks that capture the tower's hidden states (Llava reads one) in its first
+        # forward, under a lock dynamo cannot trace: compiled, that call breaks the graph and leaves the tower's
+        # wrapper eager for good, with a second compiled frame (and its guard checks) inside at every call.
+        if self.vision_tower is not None and maybe_install_capturing_hooks is not None:
+            maybe_install_capturing_hooks(self.vision_tower)
         # Both run once per prefill and, left eager, launch hundreds of small kernels at batch 1 (CLIP-L: 24 layers).
         # `Module.compile` compiles in place: parameter names, the state dict and saving stay as they were.
         for module in (self.vision_tower, self.image_score_predictor):

@@ -285,14 +285,15 @@ class DynamicLlavaModel(
         if output_attentions:
             step.all_attentions = []
 
-    def layer_groups(self) -> tuple[nn.ModuleList, nn.ModuleList]:
-        """The text backbone's decoder layers below `sparse_layer` and from it on."""
-        layers = self.language_model.layers[: self.config.text_config.num_hidden_layers]
+    def layer_groups(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The text backbone's decoder layers below `sparse_layer` and from it on. Plain lists: slicing the
+        `ModuleList` would build a new one, registering each layer again, at every forward."""
+        layers = list(self.language_model.layers)[: self.config.text_config.num_hidden_layers]
         return layers[: self.config.sparse_layer], layers[self.config.sparse_layer :]
 
     def run_layers(
         self,
-        layers: nn.ModuleList,
+        layers: list[nn.Module],
         group: int,
         step: DecoderStep,
         cache: DynamicLlavaCache | None,

@@ -13,7 +13,8 @@ import sys
 
 
 # Names the commands accept, kept here because importing their home loads torch; tests check that they agree.
-BENCH_PRESETS = ("tiny", "cpu-7b-topology", "llava-1.5-7b", "llava-1.5-13b")  # dynamic_llava_hf.bench.PRESETS
+# dynamic_llava_hf.bench.PRESETS:
+BENCH_PRESETS = ("tiny", "cpu-7b-topology", "host-bound", "llava-1.5-7b", "llava-1.5-13b")
 VISION_SELECTORS = ("learned", "random", "fastv")  # configuration_dynamic_llava.VISION_SELECTORS
 
 # Errors a user can cause and fix (a missing file, a bad value, a missing optional dependency): reported in one line.

@@ -120,6 +120,37 @@ def _cpu_7b_topology() -> BenchPreset:
     )
 
 
+def _host_bound() -> BenchPreset:
+    # What a batch-1 prefill on a GPU is bound by when it is launch-bound: the host's work (Python, op dispatch,
+    # dynamo's guard checks, inductor's generated wrappers), which grows with the depth and the number of calls, not
+    # with the width or the sequence. With widths and sequences this small the compute is negligible, so on the CPU
+    # wall time is that host work. (At 576 image tokens the CPU's attention kernels would dominate.)
+    return BenchPreset(
+        name="host-bound",
+        description=(
+            "LLaVA-1.5-7B's depth at negligible width and length (32 LLaMA layers of width 64, vocab 32064; 24 CLIP "
+            "layers of width 32; 64 image tokens from 112 px), 40 prompt tokens: a prefill's time is its host work"
+        ),
+        text_config=_llama(64, 172, 32, 1, LLAVA_VOCAB),
+        vision_config={
+            **CLIP_VIT_L_336,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 1,
+            "image_size": 112,
+        },
+        predictor_config={
+            "predictor_d_model": 16,
+            "predictor_num_heads": 1,
+            "predictor_ffn_dim": 32,
+            "predictor_num_layers": 2,
+        },
+        image_token_index=32000,
+        text_tokens_before_image=35,
+        text_tokens_after_image=5,
+    )
+
+
 PRESETS: dict[str, BenchPreset] = {
     "tiny": BenchPreset(
         name="tiny",
@@ -148,6 +179,7 @@ PRESETS: dict[str, BenchPreset] = {
         compile_dynamic=True,  # one compilation instead of six keeps the smoke test near a minute
     ),
     "cpu-7b-topology": _cpu_7b_topology(),
+    "host-bound": _host_bound(),
     "llava-1.5-7b": BenchPreset(
         name="llava-1.5-7b",
         description="LLaVA-1.5-7B shapes (Vicuna-7B + CLIP ViT-L/14-336), random weights; needs a GPU (14 GB bf16)",
