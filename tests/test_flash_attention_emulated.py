@@ -3,7 +3,9 @@
 flash-attn only runs on CUDA, so the model's flash path (the 2D key masks of `build_attention_mask`, unpadded by
 transformers) would otherwise go untested here. These tests run transformers' real flash-attention glue
 (`integrations/flash_attention.py`, `_flash_attention_forward`, `_upad_input`, `_pad_input`, the kwargs processing)
-and replace only the two CUDA kernels by float32 reference implementations with flash-attn 2 semantics.
+and replace only the two CUDA kernels by float32 reference implementations with flash-attn 2 semantics. Each test
+runs as `flash_attention_2` and as a Hub kernel (`kernels-community/flash-attn2`, registered the way transformers
+registers it once downloaded: its repo name, transformers' flash glue, flash attention's mask).
 """
 
 import copy
@@ -12,6 +14,8 @@ import pytest
 import torch
 import transformers.integrations.flash_attention as flash_integration
 import transformers.modeling_flash_attention_utils as flash_utils
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from mask_reference import generation_positions
@@ -141,13 +145,26 @@ class ReferenceFlashKernels:
         return [call for call in self.calls if call["kernel"] == "varlen"]
 
 
+@pytest.fixture(params=["flash_attention_2", "kernels-community/flash-attn2"])
+def implementation(request, monkeypatch):
+    """The attention implementation's name; a Hub kernel's is registered as `load_and_register_attn_kernel` does."""
+    if request.param.startswith("kernels-community/"):
+        flash_forward, flash_mask = (
+            ALL_ATTENTION_FUNCTIONS["flash_attention_2"],
+            ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"],
+        )
+        monkeypatch.setitem(type(ALL_ATTENTION_FUNCTIONS)._global_mapping, request.param, flash_forward)
+        monkeypatch.setitem(type(ALL_MASK_ATTENTION_FUNCTIONS)._global_mapping, request.param, flash_mask)
+    return request.param
+
+
 @pytest.fixture
-def flash_kernels(monkeypatch):
-    """Makes transformers load the reference kernels as its flash_attention_2 implementation."""
+def flash_kernels(implementation, monkeypatch):
+    """Makes transformers load the reference kernels as the flash implementation `implementation`."""
     kernels = ReferenceFlashKernels()
 
-    def lazy_imports(implementation, attention_wrapper=None, allow_all_kernels=False):
-        assert implementation == "flash_attention_2", implementation
+    def lazy_imports(name, attention_wrapper=None, allow_all_kernels=False):
+        assert name == implementation, name
         # What `from flash_attn import ...` gives; flash_attn.bert_padding's pad/unpad equal transformers' own. The
         # paged kernel (flash_attn_with_kvcache) is only used by continuous batching.
         pad, unpad = flash_utils._pad_input, flash_utils._unpad_input
@@ -173,15 +190,15 @@ def flash_kernels(monkeypatch):
 
 
 @pytest.fixture
-def models(flash_kernels, monkeypatch):
-    """(sdpa model, the same weights on flash_attention_2)."""
+def models(implementation, flash_kernels, monkeypatch):
+    """(sdpa model, the same weights on the flash implementation)."""
     sdpa = tiny_model("sdpa")
     flash = copy.deepcopy(sdpa)
-    # What `from_pretrained(attn_implementation="flash_attention_2")` sets, minus its check that flash-attn is
+    # What `from_pretrained(attn_implementation=implementation)` sets, minus its check that the kernels are
     # installed: every (sub-)config, so the vision tower runs on the dense kernel and the decoder on the glue.
     for config in (flash.config, flash.config.text_config, flash.config.vision_config):
-        monkeypatch.setattr(config, "_attn_implementation_internal", "flash_attention_2")
-    assert flash.model.language_model.layers[0].self_attn.config._attn_implementation == "flash_attention_2"
+        monkeypatch.setattr(config, "_attn_implementation_internal", implementation)
+    assert flash.model.language_model.layers[0].self_attn.config._attn_implementation == implementation
     return sdpa, flash
 
 

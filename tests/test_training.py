@@ -7,6 +7,7 @@ from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from tiny_models import build_prompts, tiny_model
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from dynamic_llava_hf import modeling_dynamic_llava
 from dynamic_llava_hf.train.trainer import (
@@ -284,14 +285,19 @@ def test_lora_on_the_language_model_with_trainable_predictors():
     assert base_weights and all(not p.requires_grad for p in base_weights)
 
 
-def test_training_refuses_a_cache_and_flash_attention():
+def test_training_refuses_a_cache_and_flash_attention(monkeypatch):
     model = tiny_model()
     model.train()
     with pytest.raises(ValueError, match="cannot use a KV cache"):
         model(**training_batch(), use_cache=True)
-    model.config.text_config._attn_implementation_internal = "flash_attention_2"
-    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
-        model(**training_batch())
+    # A Hub flash kernel too: transformers registers it with flash attention's mask once downloaded.
+    hub_kernel = "kernels-community/flash-attn3"
+    masks = type(ALL_MASK_ATTENTION_FUNCTIONS)._global_mapping
+    monkeypatch.setitem(masks, hub_kernel, masks["flash_attention_2"])
+    for implementation in ("flash_attention_2", hub_kernel):
+        monkeypatch.setattr(model.config.text_config, "_attn_implementation_internal", implementation)
+        with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+            model(**training_batch())
 
 
 class SyntheticLlavaData(torch.utils.data.Dataset):

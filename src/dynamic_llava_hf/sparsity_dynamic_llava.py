@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from .cache_dynamic_llava import KeyLayout
 from .configuration_dynamic_llava import FIELD_CHECKS, validate_sparsity_settings
@@ -323,6 +324,15 @@ class DecoderStep:
 # Attention masks built from the cache layout (transformers' mask helpers cannot express a ragged cache)
 
 
+def takes_key_mask(attn_implementation: str) -> bool:
+    """Whether an attention implementation takes a 2D key mask (flash attention, which applies causality itself),
+    as transformers decides: the mask function it registered for the name is flash attention's. The Hub's flash
+    kernels count too: `attn_implementation="kernels-community/flash-attn3"` registers its repo name with flash
+    attention's mask when the kernel loads."""
+    masks = ALL_MASK_ATTENTION_FUNCTIONS
+    return attn_implementation in masks and masks[attn_implementation] is masks["flash_attention_2"]
+
+
 def build_attention_mask(
     attn_implementation: str, layout: KeyLayout, visible: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor | None:
@@ -334,7 +344,7 @@ def build_attention_mask(
     """
     batch, num_new = visible.shape
     device = visible.device
-    flash = attn_implementation.startswith("flash_attention")
+    flash = takes_key_mask(attn_implementation)
 
     if layout.in_place:
         if layout.uniform:

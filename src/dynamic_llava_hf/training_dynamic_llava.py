@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from .sparsity_dynamic_llava import DecoderStep, SparsitySettings, gather_tokens, image_token_coordinates
+from .sparsity_dynamic_llava import (
+    DecoderStep,
+    SparsitySettings,
+    gather_tokens,
+    image_token_coordinates,
+    takes_key_mask,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -152,7 +158,7 @@ class TrainingDecisionsMixin:
                 "(model.train() with sparsification on) samples the image predictor's Gumbel keep masks. Pass "
                 'sparsity={"vision_selector": "learned"} to train, or call model.eval() to run the baseline.'
             )
-        if self.config.text_config._attn_implementation.startswith("flash_attention"):
+        if takes_key_mask(self.config.text_config._attn_implementation):
             raise ValueError(
                 "Training Dynamic-LLaVA needs the masked softmax of the method, an additive float mask that flash "
                 "attention cannot take: load the model with attn_implementation='sdpa' (or 'eager') for training."
