@@ -1,6 +1,6 @@
 """The model on a CUDA GPU: low-precision equivalence with transformers' Llava, PyTorch's fused attention kernels
-(flash, memory-efficient), transformers' flash_attention_2 path, batched == per-row generation, and the compiled
-static-cache decoding step under CUDA graphs.
+(flash, memory-efficient), transformers' flash-attention path (flash-attn 2, 3 or 4), batched == per-row generation,
+and the compiled static-cache decoding step under CUDA graphs.
 
 Without CUDA (`torch.cuda.is_available()` is False) the whole module is skipped, so CPU-only CI skips it.
 `DYNAMIC_LLAVA_TEST_DEVICE=cpu` instead runs the device-agnostic tests on the CPU, a dry run of this file's code
@@ -18,7 +18,6 @@ output layers are re-initialised (`decisive_predictors`) so that their margins a
 
 import contextlib
 import copy
-import importlib.util
 import logging
 import os
 import warnings
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from transformers import CLIPVisionConfig, CompileConfig
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_flash_attn_4_available
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from test_compiled_prefill import count_compiled_loop_calls
@@ -315,17 +315,30 @@ def test_flash_sdpa_kernel_matches_math_kernel(dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# (c) transformers' flash_attention_2 (flash-attn package) == sdpa
+# (c) transformers' flash attention (the flash-attn packages: 2, 3 or 4, whichever is installed) == sdpa
+
+# transformers' own checks (importable, and usable on this GPU); flash-attn 4 ships a `flash_attn` package too, so
+# finding that module would not tell flash-attn 2 from 4.
+FLASH_IMPLEMENTATIONS = [
+    pytest.param(
+        f"flash_attention_{version}", marks=pytest.mark.skipif(not available(), reason=f"{package} is not usable")
+    )
+    for version, package, available in (
+        (2, "flash-attn", is_flash_attn_2_available),
+        (3, "flash-attn 3 (flash_attn_interface)", is_flash_attn_3_available),
+        (4, "flash-attn-4", is_flash_attn_4_available),
+    )
+]
 
 
 @cuda_only
-@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+@pytest.mark.parametrize("implementation", FLASH_IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_flash_attention_2_matches_sdpa(dtype):
+def test_flash_attention_matches_sdpa(dtype, implementation):
     sdpa = gpu_model("sdpa", dtype)
     flash = copy.deepcopy(sdpa)
-    flash.set_attn_implementation("flash_attention_2")  # checks that flash-attn is usable, as from_pretrained does
-    assert flash.config.text_config._attn_implementation == "flash_attention_2"
+    flash.set_attn_implementation(implementation)  # checks that the kernels are usable, as from_pretrained does
+    assert flash.config.text_config._attn_implementation == implementation
     keep = int(sdpa.config.image_seq_length * sdpa.config.vision_keep_rate)
     inputs = prompts(ROWS, dtype)
     with Decisions(sdpa) as expected_decisions:
@@ -333,7 +346,7 @@ def test_flash_attention_2_matches_sdpa(dtype):
     with Decisions(flash) as actual_decisions:
         actual = generate(flash, *inputs)
     compare_generations(
-        actual, expected, inputs[0].shape[1], dtype, "flash_attention_2", actual_decisions, expected_decisions, keep
+        actual, expected, inputs[0].shape[1], dtype, implementation, actual_decisions, expected_decisions, keep
     )
 
 
