@@ -131,8 +131,7 @@ def test_a_compiled_prefill_has_no_graph_breaks():
     """Each compiled function traces whole: a graph break would leave part of it eager, with a compiled frame (and
     its guard checks) per piece at every prefill. The vision tower's output-capturing hooks, which transformers
     installs in a first forward under a lock dynamo cannot trace, are installed by `compile_prefill` instead."""
-    from torch._dynamo.utils import counters
-
+    counters = torch._dynamo.utils.counters
     model = tiny_model()
     model.compile_prefill(backend="eager")
     torch._dynamo.reset()

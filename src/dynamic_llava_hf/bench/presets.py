@@ -61,12 +61,19 @@ CLIP_VIT_L_336 = {
     "image_size": 336,
     "patch_size": 14,
 }
-OFFICIAL_PREDICTORS = {
-    "predictor_d_model": 512,
-    "predictor_num_heads": 8,
-    "predictor_ffn_dim": 2048,
-    "predictor_num_layers": 2,
-}
+
+
+def _predictors(d_model: int, num_heads: int, ffn_dim: int) -> dict:
+    """The predictors' config fields; two transformer blocks each, as in the official models."""
+    return {
+        "predictor_d_model": d_model,
+        "predictor_num_heads": num_heads,
+        "predictor_ffn_dim": ffn_dim,
+        "predictor_num_layers": 2,
+    }
+
+
+OFFICIAL_PREDICTORS = _predictors(512, 8, 2048)
 
 
 def _llama(hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int, vocab_size: int) -> dict:
@@ -108,12 +115,7 @@ def _cpu_7b_topology() -> BenchPreset:
             "image_size": 336,
             "patch_size": 14,
         },
-        predictor_config={
-            "predictor_d_model": d_model,
-            "predictor_num_heads": 1,
-            "predictor_ffn_dim": 4 * d_model,
-            "predictor_num_layers": 2,
-        },
+        predictor_config=_predictors(d_model, 1, 4 * d_model),
         image_token_index=32000,
         text_tokens_before_image=35,
         text_tokens_after_image=5,
@@ -139,12 +141,7 @@ def _host_bound() -> BenchPreset:
             "num_attention_heads": 1,
             "image_size": 112,
         },
-        predictor_config={
-            "predictor_d_model": 16,
-            "predictor_num_heads": 1,
-            "predictor_ffn_dim": 32,
-            "predictor_num_layers": 2,
-        },
+        predictor_config=_predictors(16, 1, 32),
         image_token_index=32000,
         text_tokens_before_image=35,
         text_tokens_after_image=5,
@@ -164,12 +161,7 @@ PRESETS: dict[str, BenchPreset] = {
             "image_size": 84,
             "patch_size": 14,
         },
-        predictor_config={
-            "predictor_d_model": 16,
-            "predictor_num_heads": 2,
-            "predictor_ffn_dim": 64,
-            "predictor_num_layers": 2,
-        },
+        predictor_config=_predictors(16, 2, 64),
         image_token_index=999,
         text_tokens_before_image=6,
         text_tokens_after_image=4,
