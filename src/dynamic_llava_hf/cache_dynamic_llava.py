@@ -25,8 +25,9 @@ The step protocol (the whole contract between the model and this cache):
 
 Host synchronisations (GPU -> CPU reads), all of them:
 
-- `begin_step` of a multi-token forward (prefill, a chunk): one per group, whether every row stores all its new tokens
-  (then each layer writes them with a block copy instead of a scatter).
+- `begin_step` of a multi-token forward (prefill, a chunk), unless the model passes `persist_counts`: one per group,
+  whether every row stores all its new tokens (then each layer writes them with a block copy instead of a scatter).
+  The model passes them where it knows them from the counts it read before the forward queued device work.
 - `end_step`: one per forward, for the per-group minimum/maximum lengths that size the next step's masks and writes.
 - `reorder_cache`, `batch_select_indices`, `batch_repeat_interleave` (beam search, sampling with several sequences):
   one per call, for the same minimum/maximum after the rows moved.
@@ -96,6 +97,13 @@ def storage_rank(persist: torch.Tensor) -> torch.Tensor:
         persist.cumsum(-1) - 1,
         persist.sum(-1, keepdim=True) + (~persist).cumsum(-1) - 1,
     )
+
+
+def stores_every_token(persist: torch.Tensor, persist_counts: list[int] | None) -> bool:
+    """`bool(persist.all())`, from the counts where given (no host synchronisation)."""
+    if persist_counts is None:
+        return bool(persist.all())
+    return all(count == persist.shape[1] for count in persist_counts)
 
 
 class RowLengths:
@@ -336,10 +344,17 @@ class DynamicLlavaCache(Cache):
     # ----------------------------------------------------------------------------------------------------------------
     # Step protocol used by the model
 
-    def begin_step(self, group: int, persist: torch.Tensor, positions: torch.Tensor | None = None) -> KeyLayout:
+    def begin_step(
+        self,
+        group: int,
+        persist: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        persist_counts: list[int] | None = None,
+    ) -> KeyLayout:
         """Plans the current forward for one group of layers (`persist`: bool `[batch, new_tokens]`; `positions`:
         their input positions where the model reordered or removed some, `[batch, new_tokens]`) and returns where
-        that group's layers will find their keys."""
+        that group's layers will find their keys. `persist_counts`: `persist.sum(-1)` where the model knows it on the
+        host (it is read otherwise)."""
         rows = self.groups[group]
         if rows.lengths is None:
             rows.lengths = torch.zeros(persist.shape[0], dtype=torch.long, device=persist.device)
@@ -353,7 +368,7 @@ class DynamicLlavaCache(Cache):
         in_place = num_new == 1 and rows.max_length > 0
         if in_place:
             slots = rows.lengths.view(batch, 1, 1, 1)
-        elif rows.min_length == rows.max_length and bool(persist.all()):
+        elif rows.min_length == rows.max_length and stores_every_token(persist, persist_counts):
             slots = None  # a prefill without padding or drops: each layer copies its new tokens in one block
         else:
             # Persisted tokens first (in order), the rest behind them: beyond the row's new length, i.e. scratch.

@@ -20,10 +20,16 @@ def keep_decision(logits: torch.Tensor) -> torch.Tensor:
 
 
 def select_image_tokens(
-    scores: torch.Tensor, image_mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, keep_rate: float
+    scores: torch.Tensor,
+    image_mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    keep_rate: float,
+    images_per_row: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[torch.LongTensor]]:
     """Keeps the top-k tokens of each image by `scores` (`[num_images, tokens_per_image]`), k =
-    floor(tokens_per_image * keep_rate); shared by every vision selector.
+    floor(tokens_per_image * keep_rate); shared by every vision selector. `images_per_row`: where the caller knows
+    them on the host (else they are read).
 
     Returns the `[batch, seq]` mask of dropped image tokens and, per row, the kept indices into the row's image
     tokens (ascending).
@@ -35,10 +41,13 @@ def select_image_tokens(
     dropped = torch.zeros_like(image_mask)
     dropped[rows, cols] = ~keep_image_token
 
-    # Indices into each row's image tokens: image j of a row starts at j * tokens_per_image.
-    images_per_row = (image_mask.sum(-1) // tokens_per_image).tolist()
-    first_image_of_row = torch.tensor([0] + images_per_row[:-1], device=kept.device).cumsum(0)
+    # Indices into each row's image tokens: image j of a row starts at j * tokens_per_image. (On the device: a tensor
+    # made from host values would wait for the queued work as a read does.)
+    images_in_row = image_mask.sum(-1) // tokens_per_image
+    first_image_of_row = images_in_row.cumsum(0) - images_in_row
     image_rank_in_row = torch.arange(num_images, device=kept.device) - first_image_of_row[rows[:, 0]]
+    if images_per_row is None:
+        images_per_row = images_in_row.tolist()
     row_indices = (kept + image_rank_in_row[:, None] * tokens_per_image).split(images_per_row)
     return dropped, [indices.reshape(-1) for indices in row_indices]
 
@@ -77,7 +86,10 @@ class InferenceDecisionsMixin:
 
     def prune_image_tokens(self, plan: SparseLayerPlan, step: DecoderStep, settings: SparsitySettings) -> None:
         """Keeps the top `vision_keep_rate` of each image's tokens by the selector's scores; removes the rest."""
-        rows, cols = image_token_coordinates(step.image_mask, step.tokens_per_image)
+        counts = step.counts
+        tokens_per_image = step.tokens_per_image
+        num_tokens = None if counts is None else sum(counts.image_tokens)
+        rows, cols = image_token_coordinates(step.image_mask, tokens_per_image, num_tokens)
         scores = self.image_token_scores(
             settings,
             step.hidden_states,
@@ -88,10 +100,13 @@ class InferenceDecisionsMixin:
             valid=step.valid,
             position_embeddings=step.position_embeddings,
         )
+        images_per_row = None if counts is None else [count // tokens_per_image for count in counts.image_tokens]
         dropped, plan.kept_image_token_indices = select_image_tokens(
-            scores, step.image_mask, rows, cols, settings.vision_keep_rate
+            scores, step.image_mask, rows, cols, settings.vision_keep_rate, images_per_row
         )
-        plan.remove(dropped)
+        # Each image loses the same number of tokens.
+        dropped_per_image = tokens_per_image - int(tokens_per_image * settings.vision_keep_rate)
+        plan.remove(dropped, None if images_per_row is None else [n * dropped_per_image for n in images_per_row])
 
     def prune_instruction(self, plan: SparseLayerPlan, step: DecoderStep) -> None:
         """Drops the prompt text the instruct predictor rejects (never the last prompt token)."""

@@ -134,19 +134,23 @@ class DynamicLlavaModel(
         image_mask: torch.Tensor,
         image_features: list[torch.Tensor],
         tokens_per_image: int | None = None,
+        tokens_per_row: list[int] | None = None,
     ) -> tuple[torch.Tensor, int | None]:
         """Writes the image features into the placeholder positions; returns the embeddings and tokens per image.
 
         With `tokens_per_image`, the features come as one block (a prefill chunk's share, as `generate()` slices
         them) and are regrouped per image. If the chunk holds only part of an image, the features are placed as Llava
-        places them and the tokens per image are None: such images cannot be pruned.
+        places them and the tokens per image are None: such images cannot be pruned. `tokens_per_row`: the
+        placeholders per row, where the caller has read them (else they are read here).
         """
+        if tokens_per_row is None:
+            tokens_per_row = image_mask.sum(-1).tolist()
+        num_tokens = sum(tokens_per_row)
         if tokens_per_image is not None:
             block = torch.cat([features.reshape(-1, features.shape[-1]) for features in image_features])
-            whole = not bool((image_mask.sum(-1) % tokens_per_image).any()) and block.shape[0] == int(image_mask.sum())
-            if not whole:
-                if block.shape[0] != int(image_mask.sum()):
-                    raise ValueError(f"{int(image_mask.sum())} image tokens but {block.shape[0]} image features")
+            if block.shape[0] != num_tokens:
+                raise ValueError(f"{num_tokens} image tokens but {block.shape[0]} image features")
+            if any(count % tokens_per_image for count in tokens_per_row):
                 block = block.to(inputs_embeds.device, inputs_embeds.dtype)
                 return inputs_embeds.masked_scatter(image_mask[..., None], block), None
             image_features = block.split(tokens_per_image)
@@ -158,8 +162,6 @@ class DynamicLlavaModel(
             )
         tokens_per_image = tokens_per_image.pop()
         num_features = tokens_per_image * len(image_features)
-        tokens_per_row = image_mask.sum(-1)
-        num_tokens = int(tokens_per_row.sum())
         if num_tokens != num_features:
             raise ValueError(
                 f"Image features and image tokens do not match, tokens: {num_tokens}, features: {num_features}. The "
@@ -167,9 +169,9 @@ class DynamicLlavaModel(
                 f"image(s) give {num_features} features ({tokens_per_image} per image): the prompt must contain "
                 f"{tokens_per_image} image tokens per image."
             )
-        if bool((tokens_per_row % tokens_per_image).any()):
+        if any(count % tokens_per_image for count in tokens_per_row):
             raise ValueError(
-                f"Image tokens per row {tokens_per_row.tolist()} are not multiples of the {tokens_per_image} tokens "
+                f"Image tokens per row {tokens_per_row} are not multiples of the {tokens_per_image} tokens "
                 "per image: every image must lie whole inside one row."
             )
         features = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
@@ -244,6 +246,8 @@ class DynamicLlavaModel(
             step.image_mask = self.image_token_mask(input_ids, step.hidden_states)
         if step.num_generated_tokens:
             step.image_mask[:, step.num_new - step.num_generated_tokens :] = False
+        if not step.decoding:
+            step.read_counts()  # before the tower is queued: no later read in the forward waits for it
         image_outputs = None
         if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
             image_outputs = mm_encoder_outputs["image"]
@@ -251,16 +255,20 @@ class DynamicLlavaModel(
             image_outputs = self.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs)
         if image_outputs is not None:
             step.hidden_states, step.tokens_per_image = self.merge_image_features(
-                step.hidden_states, step.image_mask, image_outputs.pooler_output, tokens_per_image
+                step.hidden_states,
+                step.image_mask,
+                image_outputs.pooler_output,
+                tokens_per_image,
+                tokens_per_row=None if step.counts is None else step.counts.image_tokens,
             )
             step.split_images = step.tokens_per_image is None
-        elif not step.decoding and bool(step.image_mask.any()):  # a decoding step has no placeholders: no host sync
+        elif not step.decoding and any(step.counts.image_tokens):  # a decoding step has no placeholders
             # As in Llava: without images, placeholder ids are ordinary tokens (and nothing is pruned).
             logger.warning_once(
                 f"The input contains image tokens (id {self.config.image_token_id}) but no pixel_values or image "
                 "features: they are treated as ordinary text tokens."
             )
-            step.image_mask = torch.zeros_like(step.image_mask)
+            step.clear_image_tokens()
         return image_outputs
 
     def start_outputs(self, step: DecoderStep, output_hidden_states, output_attentions: bool | None) -> None:
@@ -302,14 +310,15 @@ class DynamicLlavaModel(
     ) -> None:
         """Runs one group of decoder layers (`FULL_GROUP` below `sparse_layer`, `SPARSE_GROUP` from it) over the
         step's slots. `key_keep`: the training keep values of the keys (a training forward's later layers)."""
-        layout = (
-            cache.begin_step(group, step.persist, step.slot_positions()) if cache is not None else KeyLayout.empty()
-        )
+        layout = KeyLayout.empty()
+        if cache is not None:
+            layout = cache.begin_step(group, step.persist, step.slot_positions(), persist_counts=step.persist_counts)
         dtype = step.hidden_states.dtype
         if key_keep is not None:
             mask = build_training_attention_mask(key_keep, step.visible, dtype)
         else:
-            mask = build_attention_mask(self.config.text_config._attn_implementation, layout, step.visible, dtype)
+            attn_implementation = self.config.text_config._attn_implementation
+            mask = build_attention_mask(attn_implementation, layout, step.visible, dtype, step.visible_all)
         if self.uses_compiled_loop(step, layout, key_keep):
             self.run_compiled_loop(layers, step, cache, mask, **kwargs)
             return

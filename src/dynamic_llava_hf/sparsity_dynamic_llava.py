@@ -136,17 +136,26 @@ class SparseLayerPlan:
     removes_tokens: bool = False  # some decision removes tokens, so the later layers run on a gathered sequence
     kept_image_token_indices: list[torch.LongTensor] | None = None
     output_keep_decisions: torch.Tensor | None = None
+    # Known on the host without a read: the valid tokens removed per row (None: some decision did not say), and
+    # whether no decision skipped storing.
+    removed_counts: list[int] | None = None
+    stores_all: bool = True
 
     @classmethod
     def keep_all(cls, valid: torch.Tensor) -> "SparseLayerPlan":
-        return cls(valid=valid, removed=torch.zeros_like(valid), unstored=torch.zeros_like(valid))
+        nothing = torch.zeros_like(valid)
+        return cls(valid=valid, removed=nothing, unstored=nothing, removed_counts=[0] * valid.shape[0])
 
-    def remove(self, tokens: torch.Tensor) -> None:
+    def remove(self, tokens: torch.Tensor, counts: list[int] | None = None) -> None:
+        """Removes `tokens`; `counts`: how many valid ones that is per row, where the caller knows it on the host."""
         self.removed = self.removed | tokens
         self.removes_tokens = True
+        known = counts is not None and self.removed_counts is not None
+        self.removed_counts = [a + b for a, b in zip(self.removed_counts, counts)] if known else None
 
     def skip_storing(self, tokens: torch.Tensor) -> None:
         self.unstored = self.unstored | tokens
+        self.stores_all = False
 
     @property
     def persist(self) -> torch.Tensor:
@@ -180,12 +189,41 @@ def scatter_tokens(
 
 
 def image_token_coordinates(
-    image_mask: torch.Tensor, tokens_per_image: int
+    image_mask: torch.Tensor, tokens_per_image: int, num_tokens: int | None = None
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """Row and column of every image's tokens, images in row order then position order: two
-    `[num_images, tokens_per_image]` tensors."""
-    coordinates = image_mask.nonzero()
+    `[num_images, tokens_per_image]` tensors. `num_tokens`, the number of image tokens if known on the host, spares
+    `nonzero` its host synchronisation (it must read how many there are)."""
+    if num_tokens is None:
+        coordinates = image_mask.nonzero()
+    else:
+        coordinates = torch.nonzero_static(image_mask, size=num_tokens)
     return coordinates[:, 0].view(-1, tokens_per_image), coordinates[:, 1].view(-1, tokens_per_image)
+
+
+@dataclass
+class InputCounts:
+    """Per-row counts of a forward's inputs, read to the host at once before the forward queues device work.
+
+    A read of a device value waits for all work queued before it: in the middle of a GPU prefill (behind the vision
+    tower, or a group of layers) it stalls the host until the GPU is done, and the GPU then idles while the host
+    prepares the next launches. From these counts the model derives, without reading again, what it needs on the host
+    later in the forward: the image tokens per row, and after pruning the kept tokens per row (mask shapes, block
+    copies into the cache)."""
+
+    valid: list[int]  # non-padding tokens
+    image_tokens: list[int]  # image placeholders
+    # Every image placeholder is a valid token and every row ends in a valid text token (kept, never pruned): then the
+    # tokens kept after image pruning are known from the counts alone.
+    predictable: bool
+
+    @classmethod
+    def read(cls, valid: torch.Tensor, image_mask: torch.Tensor) -> "InputCounts":
+        """One host synchronisation."""
+        regular = (valid[:, -1] & ~image_mask[:, -1]).all() & ~(image_mask & ~valid).any()
+        counts = torch.cat([valid.sum(-1), image_mask.sum(-1), regular.long()[None]]).tolist()
+        batch = valid.shape[0]
+        return cls(valid=counts[:batch], image_tokens=counts[batch : 2 * batch], predictable=bool(counts[-1]))
 
 
 @dataclass
@@ -200,6 +238,9 @@ class DecoderStep:
     Where the tokens are: until `sparse_layer` every input position has a slot. `apply(plan)` then keeps only the
     tokens the later layers compute, left-aligned in their original order (`gather_index` holds each slot's input
     position). `visible` marks the slots later tokens may attend to, `persist` those whose K/V the cache stores.
+
+    With `counts` (see `read_counts`) the host also knows, without a read, whether every slot is visible
+    (`visible_all`) and how many slots each row persists (`persist_counts`); None where it does not.
     """
 
     valid: torch.Tensor
@@ -216,13 +257,28 @@ class DecoderStep:
     prefill: bool = False
     has_past: bool = False  # the cache holds tokens (`past_seen > 0`, known on the host)
     split_images: bool = False  # the input holds only part of some image (a prefill chunk cut through it)
+    counts: InputCounts | None = None
     visible: torch.Tensor = field(init=False)
     persist: torch.Tensor = field(init=False)
+    visible_all: bool | None = field(init=False, default=None)
+    persist_counts: list[int] | None = field(init=False, default=None)
 
     def __post_init__(self):
         if self.image_mask is None:
             self.image_mask = torch.zeros_like(self.valid)
         self.visible = self.persist = self.valid
+
+    def read_counts(self) -> None:
+        """Reads the input's `counts` (one host synchronisation): the model does it before the vision tower runs."""
+        self.counts = InputCounts.read(self.valid, self.image_mask)
+        self.visible_all = all(count == self.num_new for count in self.counts.valid)
+        self.persist_counts = self.counts.valid
+
+    def clear_image_tokens(self) -> None:
+        """Placeholders without images are ordinary tokens (as in Llava)."""
+        self.image_mask = torch.zeros_like(self.image_mask)
+        if self.counts is not None:
+            self.counts.image_tokens = [0] * len(self.counts.image_tokens)
 
     @property
     def num_new(self) -> int:
@@ -244,16 +300,29 @@ class DecoderStep:
         self.persist = plan.persist
         keep = plan.keep_computing
         if keep is None:
+            self.persist_counts = self.persist_counts if plan.stores_all else None
             return
         kept_counts = keep.sum(-1)
-        width = int(kept_counts.max())
+        kept_on_host = self.kept_counts_on_host(plan)
+        width = max(kept_on_host) if kept_on_host is not None else int(kept_counts.max())
         # Kept tokens first, in their original order (a stable sort of "removed" flags).
         self.gather_index = torch.sort(~keep, dim=-1, stable=True).indices[:, :width]
         self.visible = torch.arange(width, device=keep.device)[None] < kept_counts[:, None]
         self.persist = torch.gather(self.persist, 1, self.gather_index) & self.visible
+        # Every kept token is valid when the counts are predictable, so a row persists all it keeps unless told not to.
+        self.visible_all = None if kept_on_host is None else all(count == width for count in kept_on_host)
+        self.persist_counts = kept_on_host if plan.stores_all else None
         self.hidden_states = gather_tokens(self.hidden_states, self.gather_index)
         cos, sin = self.position_embeddings
         self.position_embeddings = (gather_tokens(cos, self.gather_index), gather_tokens(sin, self.gather_index))
+
+    def kept_counts_on_host(self, plan: SparseLayerPlan) -> list[int] | None:
+        """The tokens each row keeps computing after `plan` (`plan.keep_computing.sum(-1)`) where the counts and the
+        plan tell it without a read: the valid tokens minus the removed ones (the last token, which is always kept, is
+        a valid text token, so it is among them)."""
+        if self.counts is None or not self.counts.predictable or plan.removed_counts is None:
+            return None
+        return [valid - removed for valid, removed in zip(self.counts.valid, plan.removed_counts)]
 
     def scatter(self, states: torch.Tensor) -> torch.Tensor:
         """`states` of the slots back at the input positions; removed positions get zeros."""
@@ -334,13 +403,18 @@ def takes_key_mask(attn_implementation: str) -> bool:
 
 
 def build_attention_mask(
-    attn_implementation: str, layout: KeyLayout, visible: torch.Tensor, dtype: torch.dtype
+    attn_implementation: str,
+    layout: KeyLayout,
+    visible: torch.Tensor,
+    dtype: torch.dtype,
+    visible_all: bool | None = None,
 ) -> torch.Tensor | None:
     """Mask for one group of layers.
 
     A query attends to its row's stored entries, to earlier current tokens that are `visible` (not padding, not
     removed), and always to itself. Returns a bool `[B, 1, q, kv]` mask for sdpa, an additive float one for eager, a
-    2D key mask for flash attention (which applies causality itself), or None where none is needed.
+    2D key mask for flash attention (which applies causality itself), or None where none is needed. `visible_all`:
+    `bool(visible.all())` where the host knows it (else it is read).
     """
     batch, num_new = visible.shape
     device = visible.device
@@ -359,7 +433,9 @@ def build_attention_mask(
         if layout.past_width > 0:
             columns = torch.arange(layout.past_width, device=device)
             past_valid = columns[None, :] < layout.lengths.to(device)[:, None]
-        everything_valid = (layout.past_width == 0 or layout.uniform) and bool(visible.all())
+        everything_valid = (layout.past_width == 0 or layout.uniform) and (
+            visible_all if visible_all is not None else bool(visible.all())
+        )
         if flash:
             return None if everything_valid else torch.cat([past_valid, visible], dim=-1)
         if everything_valid and layout.past_width == 0 and attn_implementation == "sdpa":

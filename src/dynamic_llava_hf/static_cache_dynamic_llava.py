@@ -281,7 +281,13 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         self.token_counts = {kind: (zeros.clone(), zeros.clone()) for kind in ("image", "generated")}
         _mark_static(self.seen, *(count for counts in self.token_counts.values() for count in counts))
 
-    def begin_step(self, group: int, persist: torch.Tensor, positions: torch.Tensor | None = None) -> KeyLayout:
+    def begin_step(
+        self,
+        group: int,
+        persist: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        persist_counts: list[int] | None = None,
+    ) -> KeyLayout:
         rows = self.groups[group]
         if rows.lengths is None:
             self._start(persist)
@@ -290,9 +296,9 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
             return super().begin_step(group, persist, positions)  # refuses it
         decoding = num_new == 1 and self.has_past
         if not decoding or self.max_cache_len > rows.reserved_for:  # (a one-token later turn may need room too)
-            self._reserve_for(rows, persist)
+            self._reserve_for(rows, persist, persist_counts)
         if not decoding:
-            return super().begin_step(group, persist, positions)
+            return super().begin_step(group, persist, positions, persist_counts)
         # A decoding step: nothing read on the host; shapes fixed by the capacity, but for the planned window's
         # length (dynamic in a compiled step).
         slots = rows.lengths.view(batch, 1, 1, 1)
@@ -311,11 +317,14 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
             for rows in self.groups:
                 rows.plan_window()
 
-    def _reserve_for(self, rows: StaticRowLengths, persist: torch.Tensor) -> None:
+    def _reserve_for(self, rows: StaticRowLengths, persist: torch.Tensor, persist_counts: list[int] | None) -> None:
         """Before a multi-token forward (host synchronisations allowed): room for its writes, and for every token
         still to come up to `max_cache_len` on top of what the rows store after it."""
         num_new = persist.shape[1]
-        stored_after = int((rows.lengths + persist.to(rows.lengths.device).sum(-1)).max())
+        if persist_counts is not None and rows.max_length == 0:  # nothing stored yet (a prefill): no read needed
+            stored_after = max(persist_counts)
+        else:
+            stored_after = int((rows.lengths + persist.to(rows.lengths.device).sum(-1)).max())
         # Tokens this forward feeds: the first group's count (the later group's may be fewer, after pruning).
         first_plan = self.groups[0].plan
         fed = first_plan.persist.shape[1] if first_plan is not None else num_new

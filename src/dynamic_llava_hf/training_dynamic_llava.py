@@ -209,7 +209,8 @@ class TrainingDecisionsMixin:
         key_keep = torch.ones(step.valid.shape, dtype=torch.float32, device=step.valid.device)
 
         if settings.use_vision_predictor and step.tokens_per_image is not None:
-            rows, cols = image_token_coordinates(step.image_mask, step.tokens_per_image)
+            num_tokens = None if step.counts is None else sum(step.counts.image_tokens)
+            rows, cols = image_token_coordinates(step.image_mask, step.tokens_per_image, num_tokens)
             masks.image = self.sample_keep_mask(self.image_score_predictor(step.hidden_states[rows, cols]), "image")
             key_keep = key_keep.index_put((rows.reshape(-1), cols.reshape(-1)), masks.image.reshape(-1))
 
