@@ -29,6 +29,7 @@ from transformers import CLIPVisionConfig, CompileConfig
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_flash_attn_4_available
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
+from mask_reference import generation_positions
 from test_compiled_prefill import count_compiled_loop_calls
 from test_generation import ROWS, generate, rows_alone
 from test_modeling_prefill import run as prefill
@@ -520,3 +521,32 @@ def test_compiled_prefill_under_cuda_graphs():
         got = generate(compiled, *batches[0], cache_implementation="static", compile_config=graphed_decoding())
     compare_generations(got, expected[0], batches[0][0].shape[1], dtype, "graphed prefill and decoding")
     assert compiled.model.compiled_loop_uses_cuda_graphs
+
+
+@cuda_only
+@pytest.mark.parametrize("rows", [ROWS[:1], ROWS], ids=["batch1", "batch3"])
+def test_a_prefill_synchronises_before_the_vision_tower_and_at_its_end_only(rows):
+    """What `tests/test_host_reads.py` checks on the CPU, with CUDA's own account: under
+    `torch.cuda.set_sync_debug_mode("warn")` every call that waits for the GPU (a device value read on the host, a
+    blocking copy from the host) warns. A prefill may wait twice: for its inputs' counts, read before anything is
+    queued, and for the cache's lengths at its end; one more in between stalls the host behind the queued work."""
+    model = gpu_model("sdpa", torch.float32)
+    input_ids, attention_mask, pixel_values = prompts(rows, torch.float32)
+    positions = generation_positions(attention_mask)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                position_ids=positions,
+                use_cache=True,
+                sparsity=True,
+            )
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert [where.split(":")[0] for where in waits] == ["sparsity_dynamic_llava.py", "cache_dynamic_llava.py"], waits

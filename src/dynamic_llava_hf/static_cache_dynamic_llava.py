@@ -328,7 +328,8 @@ class DynamicLlavaStaticCache(DynamicLlavaCache):
         # Tokens this forward feeds: the first group's count (the later group's may be fewer, after pruning).
         first_plan = self.groups[0].plan
         fed = first_plan.persist.shape[1] if first_plan is not None else num_new
-        still_to_come = max(self.max_cache_len - (self.seen_tokens + fed), 0)
+        seen = self.seen_tokens if self.has_past else 0  # (reading the device count waits for the queued work)
+        still_to_come = max(self.max_cache_len - (seen + fed), 0)
         needed = max(rows.max_length + num_new, stored_after + still_to_come, 1)
         rows.reserve(_round_up(needed, self.capacity_step))
         rows.reserved_for = self.max_cache_len
