@@ -47,9 +47,8 @@ def main() -> None:
     if result.special_tokens is not None:
         print(f"<image> = {result.special_tokens.image_token_id}, <pad> = {result.special_tokens.pad_token_id}")
     if result.new_keys:
-        print(
-            f"{len(result.new_keys)} freshly initialised predictor tensors: not used until trained (predictors_trained)"
-        )
+        count = len(result.new_keys)
+        print(f"{count} freshly initialised predictor tensors: not used until trained (predictors_trained)")
 
     # The folder loads with plain transformers (the remote code ships inside it).
     model = AutoModelForImageTextToText.from_pretrained(result.dst, trust_remote_code=True)

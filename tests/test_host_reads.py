@@ -29,16 +29,24 @@ class HostReads(TorchDispatchMode):
     """Records, in order, the host reads of the code it wraps (`reads`: where each happened, file:line in this
     package) and the vision tower's first convolution (as "<vision tower>")."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self):
         super().__init__()
         self.reads: list[str] = []
-        tolist = torch.Tensor.tolist
+        self.tolist = torch.Tensor.tolist
+
+    def __enter__(self):
+        tolist = self.tolist
 
         def recorded_tolist(tensor):
             self.reads.append(self.caller())
             return tolist(tensor)
 
-        monkeypatch.setattr(torch.Tensor, "tolist", recorded_tolist)
+        torch.Tensor.tolist = recorded_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        torch.Tensor.tolist = self.tolist
+        return super().__exit__(*exc_info)
 
     @staticmethod
     def caller() -> str:
@@ -55,10 +63,10 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def prefill_reads(model, monkeypatch, rows, **kwargs) -> list[str]:
+def prefill_reads(model, rows, **kwargs) -> list[str]:
     input_ids, attention_mask, pixel_values = build_prompts(rows)
     positions = generation_positions(attention_mask)
-    with torch.no_grad(), HostReads(monkeypatch) as spy:
+    with torch.no_grad(), HostReads() as spy:
         model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -73,32 +81,33 @@ def prefill_reads(model, monkeypatch, rows, **kwargs) -> list[str]:
 
 @pytest.mark.parametrize("rows", [MIXED_ROWS[:1], RAGGED_ROWS], ids=["batch1", "padded_batch"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_a_prefill_reads_the_host_once_before_the_vision_tower_and_once_at_the_end(monkeypatch, rows, cache):
+def test_a_prefill_reads_the_host_once_before_the_vision_tower_and_once_at_the_end(rows, cache):
     model = tiny_model("sdpa")
     if cache == "static":
         past = DynamicLlavaStaticCache(model.config, max_cache_len=64)
     else:
         past = DynamicLlavaCache(model.config)
-    reads = prefill_reads(model, monkeypatch, rows, **{CACHE_NAME: past})
+    reads = prefill_reads(model, rows, **{CACHE_NAME: past})
     assert reads[0].startswith("sparsity_dynamic_llava.py"), reads  # InputCounts.read
     assert reads[1] == "<vision tower>", reads
     # Then only the dynamic cache's end-of-step read (the static cache reads its extrema when next needed).
-    assert reads[2:] == (["cache_dynamic_llava.py:144"] if cache == "dynamic" else []), reads
+    after_the_tower = [read.split(":")[0] for read in reads[2:]]
+    assert after_the_tower == (["cache_dynamic_llava.py"] if cache == "dynamic" else []), reads
 
 
-def test_a_compiled_prefill_reads_no_more(monkeypatch):
+def test_a_compiled_prefill_reads_no_more():
     model = tiny_model("sdpa")
     model.compile_prefill(backend="eager")
-    prefill_reads(model, monkeypatch, RAGGED_ROWS)  # compiles
-    reads = prefill_reads(model, monkeypatch, RAGGED_ROWS)
+    prefill_reads(model, RAGGED_ROWS)  # compiles
+    reads = prefill_reads(model, RAGGED_ROWS)
     assert len(reads) == 3 and reads[1] == "<vision tower>", reads
 
 
 @pytest.fixture
 def checked_host_counts(monkeypatch):
     """Checks, at every group of layers, the host's copies of the step's state against the tensors (what the forward
-    would read without them), and after pruning that the width from the counts is the kept tokens' maximum. Yields a
-    dict counting the checks made with a host copy present."""
+    would read without them), and after pruning that the width from the counts is the kept tokens' maximum. Returns
+    a dict counting the checks made with a host copy present."""
     checked = {"visible_all": 0, "persist_counts": 0, "width": 0}
     run_layers, apply = DynamicLlavaModel.run_layers, DecoderStep.apply
 
