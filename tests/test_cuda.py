@@ -521,17 +521,14 @@ def test_compiled_prefill_under_cuda_graphs():
         got = generate(compiled, *batches[0], cache_implementation="static", compile_config=graphed_decoding())
     compare_generations(got, expected[0], batches[0][0].shape[1], dtype, "graphed prefill and decoding")
     assert compiled.model.compiled_loop_uses_cuda_graphs
+    if ON_CUDA:  # a replayed prefill waits for the GPU no more than an eager one
+        waits = prefill_waits(compiled, *batches[0])
+        assert [where.split(":")[0] for where in waits] == PREFILL_WAITS, waits
 
 
-@cuda_only
-@pytest.mark.parametrize("rows", [ROWS[:1], ROWS], ids=["batch1", "batch3"])
-def test_a_prefill_synchronises_before_the_vision_tower_and_at_its_end_only(rows):
-    """What `tests/test_host_reads.py` checks on the CPU, with CUDA's own account: under
-    `torch.cuda.set_sync_debug_mode("warn")` every call that waits for the GPU (a device value read on the host, a
-    blocking copy from the host) warns. A prefill may wait twice: for its inputs' counts, read before anything is
-    queued, and for the cache's lengths at its end; one more in between stalls the host behind the queued work."""
-    model = gpu_model("sdpa", torch.float32)
-    input_ids, attention_mask, pixel_values = prompts(rows, torch.float32)
+def prefill_waits(model, input_ids, attention_mask, pixel_values) -> list[str]:
+    """Where a prefill waits for the GPU (file:line), as `torch.cuda.set_sync_debug_mode("warn")` reports every call
+    that does (a device value read on the host, a blocking copy from the host)."""
     positions = generation_positions(attention_mask)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
@@ -548,5 +545,16 @@ def test_a_prefill_synchronises_before_the_vision_tower_and_at_its_end_only(rows
             )
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    waits = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-    assert [where.split(":")[0] for where in waits] == ["sparsity_dynamic_llava.py", "cache_dynamic_llava.py"], waits
+    return [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+# A prefill may wait twice: for its inputs' counts, read before anything is queued, and for the cache's lengths at its
+# end (`tests/test_host_reads.py` checks the same on the CPU); a wait in between stalls the host behind queued work.
+PREFILL_WAITS = ["sparsity_dynamic_llava.py", "cache_dynamic_llava.py"]
+
+
+@cuda_only
+@pytest.mark.parametrize("rows", [ROWS[:1], ROWS], ids=["batch1", "batch3"])
+def test_a_prefill_synchronises_before_the_vision_tower_and_at_its_end_only(rows):
+    waits = prefill_waits(gpu_model("sdpa", torch.float32), *prompts(rows, torch.float32))
+    assert [where.split(":")[0] for where in waits] == PREFILL_WAITS, waits
