@@ -29,7 +29,6 @@ from transformers import CLIPVisionConfig, CompileConfig
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_flash_attn_4_available
 
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
-from mask_reference import generation_positions
 from test_compiled_prefill import count_compiled_loop_calls
 from test_generation import ROWS, generate, rows_alone
 from test_modeling_prefill import run as prefill
@@ -529,20 +528,12 @@ def test_compiled_prefill_under_cuda_graphs():
 def prefill_waits(model, input_ids, attention_mask, pixel_values) -> list[str]:
     """Where a prefill waits for the GPU (file:line), as `torch.cuda.set_sync_debug_mode("warn")` reports every call
     that does (a device value read on the host, a blocking copy from the host)."""
-    positions = generation_positions(attention_mask)
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                pixel_values=pixel_values,
-                position_ids=positions,
-                use_cache=True,
-                sparsity=True,
-            )
+            prefill(model, input_ids, attention_mask, pixel_values, use_cache=True, sparsity=True)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]

@@ -16,7 +16,6 @@ from dynamic_llava_hf import DynamicLlavaCache, DynamicLlavaStaticCache
 from dynamic_llava_hf.compat_dynamic_llava import CACHE_NAME
 from dynamic_llava_hf.modeling_dynamic_llava import DynamicLlavaModel
 from dynamic_llava_hf.sparsity_dynamic_llava import DecoderStep
-from mask_reference import generation_positions
 from test_generation import generate
 from test_modeling_prefill import MIXED_ROWS, RAGGED_ROWS, run
 from tiny_models import build_prompts, tiny_model
@@ -64,18 +63,9 @@ class HostReads(TorchDispatchMode):
 
 
 def prefill_reads(model, rows, **kwargs) -> list[str]:
-    input_ids, attention_mask, pixel_values = build_prompts(rows)
-    positions = generation_positions(attention_mask)
-    with torch.no_grad(), HostReads() as spy:
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            position_ids=positions,
-            use_cache=True,
-            sparsity=True,
-            **kwargs,
-        )
+    inputs = build_prompts(rows)
+    with HostReads() as spy:
+        run(model, *inputs, use_cache=True, sparsity=True, **kwargs)
     return spy.reads
 
 

@@ -11,7 +11,7 @@ Part of the remote-code bundle: imports only torch, transformers and its sibling
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .sparsity_dynamic_llava import DecoderStep, SparseLayerPlan, SparsitySettings, image_token_coordinates
+from .sparsity_dynamic_llava import DecoderStep, SparseLayerPlan, SparsitySettings
 
 
 def keep_decision(logits: torch.Tensor) -> torch.Tensor:
@@ -86,10 +86,7 @@ class InferenceDecisionsMixin:
 
     def prune_image_tokens(self, plan: SparseLayerPlan, step: DecoderStep, settings: SparsitySettings) -> None:
         """Keeps the top `vision_keep_rate` of each image's tokens by the selector's scores; removes the rest."""
-        counts = step.counts
-        tokens_per_image = step.tokens_per_image
-        num_tokens = None if counts is None else sum(counts.image_tokens)
-        rows, cols = image_token_coordinates(step.image_mask, tokens_per_image, num_tokens)
+        rows, cols = step.image_token_coordinates()
         scores = self.image_token_scores(
             settings,
             step.hidden_states,
@@ -100,13 +97,18 @@ class InferenceDecisionsMixin:
             valid=step.valid,
             position_embeddings=step.position_embeddings,
         )
-        images_per_row = None if counts is None else [count // tokens_per_image for count in counts.image_tokens]
+        counts = step.counts
+        images_per_row = None if counts is None else [n // step.tokens_per_image for n in counts.image_tokens]
         dropped, plan.kept_image_token_indices = select_image_tokens(
             scores, step.image_mask, rows, cols, settings.vision_keep_rate, images_per_row
         )
-        # Each image loses the same number of tokens.
-        dropped_per_image = tokens_per_image - int(tokens_per_image * settings.vision_keep_rate)
-        plan.remove(dropped, None if images_per_row is None else [n * dropped_per_image for n in images_per_row])
+        # The kept indices' lengths are known on the host: a row loses the rest of its image tokens.
+        removed = (
+            None
+            if counts is None
+            else [n - len(kept) for n, kept in zip(counts.image_tokens, plan.kept_image_token_indices)]
+        )
+        plan.remove(dropped, removed)
 
     def prune_instruction(self, plan: SparseLayerPlan, step: DecoderStep) -> None:
         """Drops the prompt text the instruct predictor rejects (never the last prompt token)."""

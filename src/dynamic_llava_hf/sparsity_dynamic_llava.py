@@ -274,6 +274,11 @@ class DecoderStep:
         self.visible_all = all(count == self.num_new for count in self.counts.valid)
         self.persist_counts = self.counts.valid
 
+    def image_token_coordinates(self) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """`image_token_coordinates` of this step's images, without a host read where the counts are known."""
+        num_tokens = None if self.counts is None else sum(self.counts.image_tokens)
+        return image_token_coordinates(self.image_mask, self.tokens_per_image, num_tokens)
+
     def clear_image_tokens(self) -> None:
         """Placeholders without images are ordinary tokens (as in Llava)."""
         self.image_mask = torch.zeros_like(self.image_mask)

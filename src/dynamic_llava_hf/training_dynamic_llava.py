@@ -16,13 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from .sparsity_dynamic_llava import (
-    DecoderStep,
-    SparsitySettings,
-    gather_tokens,
-    image_token_coordinates,
-    takes_key_mask,
-)
+from .sparsity_dynamic_llava import DecoderStep, SparsitySettings, gather_tokens, takes_key_mask
 
 
 logger = logging.get_logger(__name__)
@@ -209,8 +203,7 @@ class TrainingDecisionsMixin:
         key_keep = torch.ones(step.valid.shape, dtype=torch.float32, device=step.valid.device)
 
         if settings.use_vision_predictor and step.tokens_per_image is not None:
-            num_tokens = None if step.counts is None else sum(step.counts.image_tokens)
-            rows, cols = image_token_coordinates(step.image_mask, step.tokens_per_image, num_tokens)
+            rows, cols = step.image_token_coordinates()
             masks.image = self.sample_keep_mask(self.image_score_predictor(step.hidden_states[rows, cols]), "image")
             key_keep = key_keep.index_put((rows.reshape(-1), cols.reshape(-1)), masks.image.reshape(-1))
 
